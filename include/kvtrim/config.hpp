@@ -1,0 +1,67 @@
+// kvtrim: cache shape and budgets.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <vector>
+
+#include "error.hpp"
+
+namespace kvtrim {
+
+// Shape of the attention the cache serves, and how many tokens each (layer, KV head) may keep.
+struct CacheConfig {
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int n_q_heads = 0;  // a multiple of n_kv_heads; query head h reads KV head h / (n_q_heads / n_kv_heads)
+  int head_dim = 0;
+  int budget = 0;  // tokens kept per (layer, KV head) unless head_budgets overrides it
+  // Optional per-(layer, KV head) budgets, layer-major (index layer * n_kv_heads + head). Empty: all use `budget`.
+  std::vector<int> head_budgets;
+  // Reject NaN/Inf in q, k, v (one pass over the inputs, O(d) per head and step). Turning it off is the
+  // caller's promise that inputs are finite.
+  bool check_finite = true;
+
+  int group_size() const { return n_q_heads / n_kv_heads; }
+
+  int budget_of(int layer, int kv_head) const {
+    return head_budgets.empty() ? budget
+                                : head_budgets[static_cast<std::size_t>(layer) * n_kv_heads + kv_head];
+  }
+
+  void validate() const {
+    KVTRIM_CHECK(n_layers > 0, "CacheConfig.n_layers must be > 0, got ", n_layers);
+    KVTRIM_CHECK(n_kv_heads > 0, "CacheConfig.n_kv_heads must be > 0, got ", n_kv_heads);
+    KVTRIM_CHECK(n_q_heads > 0, "CacheConfig.n_q_heads must be > 0, got ", n_q_heads);
+    KVTRIM_CHECK(n_q_heads % n_kv_heads == 0, "CacheConfig.n_q_heads (", n_q_heads,
+                 ") must be a multiple of n_kv_heads (", n_kv_heads, ") for grouped-query attention");
+    KVTRIM_CHECK(head_dim > 0, "CacheConfig.head_dim must be > 0, got ", head_dim);
+    if (head_budgets.empty()) {
+      KVTRIM_CHECK(budget > 0, "CacheConfig.budget must be > 0 tokens, got ", budget);
+    } else {
+      const std::size_t want = static_cast<std::size_t>(n_layers) * n_kv_heads;
+      KVTRIM_CHECK(head_budgets.size() == want, "CacheConfig.head_budgets must have n_layers * n_kv_heads = ",
+                   want, " entries (layer-major), got ", head_budgets.size());
+      for (std::size_t i = 0; i < want; ++i)
+        KVTRIM_CHECK(head_budgets[i] > 0, "CacheConfig.head_budgets[", i, "] (layer ", i / n_kv_heads,
+                     ", KV head ", i % n_kv_heads, ") must be > 0 tokens, got ", head_budgets[i]);
+    }
+  }
+};
+
+// What a policy is told about the layer it serves when it is constructed (one policy object per layer).
+struct LayerContext {
+  int layer = 0;
+  int n_layers = 0;
+  int n_kv_heads = 0;
+  int group = 1;  // query heads per KV head
+  int head_dim = 0;
+  std::vector<int> budgets;  // per KV head of this layer
+  int min_budget() const {
+    int m = budgets.empty() ? 0 : budgets[0];
+    for (int b : budgets) m = b < m ? b : m;
+    return m;
+  }
+};
+
+}  // namespace kvtrim

@@ -1,0 +1,29 @@
+#!/usr/bin/env bash
+# Installs what is missing (Debian packages), builds kvtrim with warnings as errors, and runs every test.
+#   ./test.sh             Release build in build/, all tests, benchmarks and examples built
+#   ./test.sh --sanitize  the tests again under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
+set -euo pipefail
+cd "$(dirname "$0")"
+
+packages=(cmake g++ make libeigen3-dev catch2 libbenchmark-dev gnuplot-nox)
+missing=()
+for p in "${packages[@]}"; do dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p"); done
+if ((${#missing[@]})); then
+  echo "test.sh: installing ${missing[*]}"
+  sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+  $sudo apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq "${missing[@]}"
+fi
+
+jobs=$(nproc)
+if [ "${1:-}" = "--sanitize" ]; then
+  cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVTRIM_WERROR=ON -DKVTRIM_SANITIZE=ON \
+        -DKVTRIM_CUDA=OFF -DKVTRIM_BUILD_BENCHMARKS=OFF -DKVTRIM_BUILD_EXAMPLES=OFF
+  cmake --build build-asan -j"$jobs"
+  ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
+    ctest --test-dir build-asan --output-on-failure -j"$jobs" -E '^packaging\.'
+else
+  cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVTRIM_WERROR=ON
+  cmake --build build -j"$jobs"
+  ctest --test-dir build --output-on-failure -j"$jobs"
+fi

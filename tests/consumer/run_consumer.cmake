@@ -1,0 +1,21 @@
+# Builds and runs tests/consumer against kvtrim, either from an install tree (MODE=install) or through
+# add_subdirectory (MODE=subdirectory). Invoked by CTest with cmake -P.
+file(REMOVE_RECURSE ${WORK})
+file(MAKE_DIRECTORY ${WORK})
+function(run)
+  execute_process(COMMAND ${ARGV} RESULT_VARIABLE rc OUTPUT_VARIABLE out ERROR_VARIABLE err)
+  if(NOT rc EQUAL 0)
+    message(FATAL_ERROR "failed (${rc}): ${ARGV}\n${out}\n${err}")
+  endif()
+  message(STATUS "${out}")
+endfunction()
+set(consumer ${KVTRIM_SOURCE}/tests/consumer)
+if(MODE STREQUAL "install")
+  run(${CMAKE_COMMAND} --install ${KVTRIM_BUILD} --prefix ${WORK}/prefix)
+  run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK}/build -G ${CMAKE_GENERATOR} -DCMAKE_PREFIX_PATH=${WORK}/prefix)
+else()
+  run(${CMAKE_COMMAND} -S ${consumer} -B ${WORK}/build -G ${CMAKE_GENERATOR} -DKVTRIM_SUBDIR=${KVTRIM_SOURCE}
+      -DKVTRIM_CUDA=OFF)
+endif()
+run(${CMAKE_COMMAND} --build ${WORK}/build)
+run(${WORK}/build/consumer)
