@@ -146,7 +146,7 @@ TEST_CASE("invalid configurations throw kvtrim::Error with a message", "[cache][
   REQUIRE_THROWS_WITH(make({.n_layers = 1, .n_kv_heads = 1, .n_q_heads = 1, .head_dim = 0, .budget = 4}),
                       Contains("head_dim must be > 0"));
   REQUIRE_THROWS_WITH(make({.n_layers = 1, .n_kv_heads = 1, .n_q_heads = 1, .head_dim = 8, .budget = 0}),
-                      Contains("budget must be > 0"));
+                      Contains("budget must be in 1..268435456 tokens, got 0"));
   REQUIRE_THROWS_WITH(make({.n_layers = 2, .n_kv_heads = 1, .n_q_heads = 1, .head_dim = 8, .budget = 4,
                             .head_budgets = {4}}),
                       Contains("head_budgets must have"));

@@ -22,6 +22,8 @@ namespace kvtrim {
 
 // decode() without an explicit position takes the next one after the layer's last token.
 inline constexpr std::int64_t kNextPosition = -1;
+// Positions stay below 2^62 so that position arithmetic (windows, next position) cannot overflow.
+inline constexpr std::int64_t kMaxPosition = std::int64_t{1} << 62;
 
 template <class P, class Backend = CpuBackend>
 class KVCache {
@@ -82,6 +84,8 @@ class KVCache {
     const std::int64_t pos = position == kNextPosition ? next_pos_[layer] : position;
     KVTRIM_CHECK(pos >= next_pos_[layer], "decode: position ", pos, " goes backwards; layer ", layer,
                  " expects a position >= ", next_pos_[layer]);
+    KVTRIM_CHECK(pos < kMaxPosition, "decode: position ", pos, " is too large; positions must stay below ",
+                 kMaxPosition);
     check_capacity(layer, 1, "decode");
     check_finite(q, "decode", "q");
     check_finite(k, "decode", "k");
@@ -135,15 +139,16 @@ class KVCache {
                  cfg_.n_kv_heads - 1);
     return impl_.head(layer, kv_head);
   }
-  // A policy that never evicts (FullCache) cannot make room: refuse the tokens before anything changes.
+  // A policy that never evicts (FullCache; SnapKV<FullCache> once its prompt is compressed) cannot make
+  // room: refuse the tokens before anything changes.
   void check_capacity(int layer, int incoming, const char* op) const {
-    if constexpr (requires { P::kNeverEvicts; }) {
-      for (int h = 0; h < cfg_.n_kv_heads; ++h) {
-        const auto& head = impl_.head(layer, h);
-        KVTRIM_CHECK(head.size() + incoming <= head.budget(), op, ": ", P::kName, " never evicts and layer ", layer,
-                     " KV head ", h, " holds ", head.size(), " of its ", head.budget(), " tokens; ", incoming,
-                     " more do not fit (raise the budget or choose an evicting policy)");
-      }
+    const bool prefill = std::string_view(op) == "prefill";
+    if (!(prefill ? never_evicts_in_prefill<P>() : never_evicts_in_decode<P>())) return;
+    for (int h = 0; h < cfg_.n_kv_heads; ++h) {
+      const auto& head = impl_.head(layer, h);
+      KVTRIM_CHECK(head.size() + incoming <= head.budget(), op, ": ", P::kName, " never evicts and layer ", layer,
+                   " KV head ", h, " holds ", head.size(), " of its ", head.budget(), " tokens; ", incoming,
+                   " more do not fit (raise the budget or choose an evicting policy)");
     }
   }
   void check_finite(std::span<const float> x, const char* op, const char* name) const {

@@ -116,6 +116,19 @@ concept Policy =
       p.on_prompt(s, h, prompt);
     };
 
+// Policies declare `static constexpr bool kNeverEvicts = true` when they never make room (FullCache), or
+// `kNeverEvictsInDecode` when only their decode stage never does (a compressed prompt, then append-only).
+template <class P>
+constexpr bool never_evicts_in_prefill() {
+  if constexpr (requires { P::kNeverEvicts; }) return P::kNeverEvicts;
+  return false;
+}
+template <class P>
+constexpr bool never_evicts_in_decode() {
+  if constexpr (requires { P::kNeverEvictsInDecode; }) return P::kNeverEvictsInDecode;
+  return never_evicts_in_prefill<P>();
+}
+
 // Spells out which part of the contract a type misses, one readable message each (used by KVCache).
 template <class P>
 constexpr bool check_policy() {
