@@ -21,6 +21,9 @@ struct CacheConfig {
   // Reject NaN/Inf in q, k, v (one pass over the inputs, O(d) per head and step). Turning it off is the
   // caller's promise that inputs are finite.
   bool check_finite = true;
+  // Threads that process the KV heads of a call in parallel (CPU backend); results are identical for any
+  // value. 1 (default): the calling thread only.
+  int threads = 1;
 
   int group_size() const { return n_q_heads / n_kv_heads; }
 
@@ -36,15 +39,23 @@ struct CacheConfig {
     KVTRIM_CHECK(n_q_heads % n_kv_heads == 0, "CacheConfig.n_q_heads (", n_q_heads,
                  ") must be a multiple of n_kv_heads (", n_kv_heads, ") for grouped-query attention");
     KVTRIM_CHECK(head_dim > 0, "CacheConfig.head_dim must be > 0, got ", head_dim);
+    // Upper bounds far above any real model keep every size computation inside its integer type.
+    constexpr int kMaxCount = 1 << 16, kMaxBudget = 1 << 28;
+    KVTRIM_CHECK(n_layers <= kMaxCount && n_q_heads <= kMaxCount && head_dim <= kMaxCount,
+                 "CacheConfig: n_layers (", n_layers, "), n_q_heads (", n_q_heads, ") and head_dim (", head_dim,
+                 ") must each be <= ", kMaxCount);
+    KVTRIM_CHECK(threads >= 1, "CacheConfig.threads must be >= 1 (1 = the calling thread only), got ", threads);
     if (head_budgets.empty()) {
-      KVTRIM_CHECK(budget > 0, "CacheConfig.budget must be > 0 tokens, got ", budget);
+      KVTRIM_CHECK(budget > 0 && budget <= kMaxBudget, "CacheConfig.budget must be in 1..", kMaxBudget,
+                   " tokens, got ", budget);
     } else {
       const std::size_t want = static_cast<std::size_t>(n_layers) * n_kv_heads;
       KVTRIM_CHECK(head_budgets.size() == want, "CacheConfig.head_budgets must have n_layers * n_kv_heads = ",
                    want, " entries (layer-major), got ", head_budgets.size());
       for (std::size_t i = 0; i < want; ++i)
-        KVTRIM_CHECK(head_budgets[i] > 0, "CacheConfig.head_budgets[", i, "] (layer ", i / n_kv_heads,
-                     ", KV head ", i % n_kv_heads, ") must be > 0 tokens, got ", head_budgets[i]);
+        KVTRIM_CHECK(head_budgets[i] > 0 && head_budgets[i] <= kMaxBudget, "CacheConfig.head_budgets[", i,
+                     "] (layer ", i / n_kv_heads, ", KV head ", i % n_kv_heads, ") must be in 1..", kMaxBudget,
+                     " tokens, got ", head_budgets[i]);
     }
   }
 };
