@@ -1,0 +1,621 @@
+// kvtrim CUDA backend: the kernels.
+//
+// Storage per (layer, KV head) is one DevHead record in device memory: key and value rows in the storage type
+// T (float, __half or __nv_bfloat16), positions, the policy's SlotMeta, and the mutable part (slot count,
+// newest position, eviction count, DevicePolicy state). Kernels take the records of one layer and put one
+// block (or one grid row) on each KV head, so a decode step is a handful of launches for the whole layer and
+// the host never reads anything back.
+//
+//  append_kernel         new token -> slot n (fp32 -> T), position, SlotMeta{}, DevicePolicy::on_insert
+//  evict_kernel          while n > limit: masked arg-min over the slots (protected skipped, lowest score,
+//                        oldest position on ties, select.hpp's rule), last slot moves into the hole
+//  decode_split_kernel   pass 1 of flash-decoding: block = (split of kDecodeChunk slots, KV head, tile of G
+//                        query heads); every key/value row is read once for the G queries (GQA), 4-wide
+//                        vector loads, kRows rows in flight per warp, fp32 math; writes (max, sum exp, unnormalised output) per split and,
+//                        when the policy needs them, the raw logits of each slot
+//  decode_combine_kernel pass 2: merges the splits into the output (and the softmax statistics)
+//  probs_kernel          logits -> probabilities exp(s - m) / l in place (only for kAttention policies)
+//  on_attention_kernel   DevicePolicy::on_attention per slot with the step's AttentionRows
+//  prompt_*              prefill: causal softmax of cuBLAS scores (with column / window sums), per-token
+//                        metadata and scores, keep marks from a stable sort, compaction into the slots
+#pragma once
+
+// Eigen serves only the host side of kvtrim; under nvcc its device annotations would be compiled (and warn)
+// unless it is told not to. Include this header before Eigen (or define EIGEN_NO_CUDA yourself).
+#if defined(__CUDACC__) && !defined(EIGEN_NO_CUDA)
+#define EIGEN_NO_CUDA
+#endif
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <cub/block/block_scan.cuh>
+
+#include "device_policy.hpp"
+#include "kernel_math.hpp"
+
+namespace kvtrim::gpu {
+
+// Error codes a kernel leaves in the backend's error word (the host turns them into kvtrim::Error).
+inline constexpr int kErrHeadFull = 1;       // a token arrived at a head with no free slot
+inline constexpr int kErrAllProtected = 2;   // over the limit but every remaining token is protected
+
+template <class T, class Meta, class State>
+struct DevHead {
+  // fixed at construction
+  T* k = nullptr;
+  T* v = nullptr;
+  std::int64_t* pos = nullptr;
+  Meta* meta = nullptr;
+  int cap = 0;     // slots allocated (budget + 1)
+  int budget = 0;  // tokens allowed after a step
+  int limit = 0;   // tokens the policy keeps (DevicePolicy::keep_limit, <= budget)
+  // mutable, written by the kernels
+  int n = 0;
+  std::int64_t newest = -1;
+  unsigned long long evictions = 0;
+  State state{};
+};
+
+namespace kernels {
+
+inline constexpr unsigned kFullMask = 0xffffffffu;
+inline constexpr int kDecodeThreads = 128;  // 4 warps per decode block
+inline constexpr int kDecodeWarps = kDecodeThreads / 32;
+inline constexpr int kMaxVecPerLane = 2;    // head_dim <= 256: at most two 4-wide vectors per lane
+inline constexpr int kRows = 4;             // slots a warp loads at once (memory-level parallelism)
+
+__device__ __forceinline__ float to_f(float x) { return x; }
+__device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
+__device__ __forceinline__ float to_f(__nv_bfloat16 x) { return __bfloat162float(x); }
+
+template <class T>
+__device__ __forceinline__ T from_f(float x);
+template <>
+__device__ __forceinline__ float from_f<float>(float x) {
+  return x;
+}
+template <>
+__device__ __forceinline__ __half from_f<__half>(float x) {
+  return __float2half_rn(x);
+}
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float x) {
+  return __float2bfloat16_rn(x);
+}
+
+// Four consecutive elements starting at a multiple of 4 (rows are 4-element aligned: head_dim % 4 == 0),
+// one 16-byte (float) or 8-byte (half, bf16) load.
+__device__ __forceinline__ void load4(const float* p, float (&o)[4]) {
+  const float4 x = *reinterpret_cast<const float4*>(p);
+  o[0] = x.x;
+  o[1] = x.y;
+  o[2] = x.z;
+  o[3] = x.w;
+}
+__device__ __forceinline__ void load4(const __half* p, float (&o)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __half22float2(*reinterpret_cast<const __half2*>(&raw.x));
+  const float2 b = __half22float2(*reinterpret_cast<const __half2*>(&raw.y));
+  o[0] = a.x;
+  o[1] = a.y;
+  o[2] = b.x;
+  o[3] = b.y;
+}
+__device__ __forceinline__ void load4(const __nv_bfloat16* p, float (&o)[4]) {
+  const uint2 raw = *reinterpret_cast<const uint2*>(p);
+  const float2 a = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.x));
+  const float2 b = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162*>(&raw.y));
+  o[0] = a.x;
+  o[1] = a.y;
+  o[2] = b.x;
+  o[3] = b.y;
+}
+
+__device__ __forceinline__ float warp_sum(float x) {
+  for (int o = 16; o > 0; o >>= 1) x += __shfl_xor_sync(kFullMask, x, o);
+  return x;
+}
+__device__ __forceinline__ float warp_max(float x) {
+  for (int o = 16; o > 0; o >>= 1) x = fmaxf(x, __shfl_xor_sync(kFullMask, x, o));
+  return x;
+}
+
+// Block-wide reduction of one float (blockDim.x a multiple of 32, at most 1024); every thread gets the result.
+template <bool kMax>
+__device__ float block_reduce(float x, float* scratch /* >= 33 floats */) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  x = kMax ? warp_max(x) : warp_sum(x);
+  if (lane == 0) scratch[warp] = x;
+  __syncthreads();
+  if (warp == 0) {
+    float y = lane < nw ? scratch[lane] : (kMax ? -INFINITY : 0.0f);
+    y = kMax ? warp_max(y) : warp_sum(y);
+    if (lane == 0) scratch[32] = y;
+  }
+  __syncthreads();
+  const float r = scratch[32];
+  __syncthreads();  // scratch may be reused right after
+  return r;
+}
+
+// ---- decode: append, evict ------------------------------------------------------------------------------
+
+// grid: one block per KV head of the layer. k, v: [n_kv_heads x d] fp32.
+template <class T, class Meta, class State, class DP>
+__global__ void append_kernel(DevHead<T, Meta, State>* heads, const float* k, const float* v, int d,
+                              std::int64_t position, int* error) {
+  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+  const int n = h.n;
+  __syncthreads();  // every thread has read n before thread 0 advances it
+  if (n >= h.cap) {
+    if (threadIdx.x == 0) atomicExch(error, kErrHeadFull);
+    return;
+  }
+  const float* kin = k + static_cast<std::size_t>(blockIdx.x) * d;
+  const float* vin = v + static_cast<std::size_t>(blockIdx.x) * d;
+  T* kd = h.k + static_cast<std::size_t>(n) * d;
+  T* vd = h.v + static_cast<std::size_t>(n) * d;
+  for (int e = threadIdx.x; e < d; e += blockDim.x) {
+    kd[e] = from_f<T>(kin[e]);
+    vd[e] = from_f<T>(vin[e]);
+  }
+  if (threadIdx.x == 0) {
+    h.pos[n] = position;
+    h.meta[n] = Meta{};
+    if (position > h.newest) h.newest = position;
+    DP::on_insert(h.state, h.meta[n], position, kin, d);
+    h.n = n + 1;
+  }
+}
+
+__device__ __forceinline__ VictimKey shfl_victim(const VictimKey& k, int offset) {
+  VictimKey o;
+  o.score = __shfl_xor_sync(kFullMask, k.score, offset);
+  o.pos = __shfl_xor_sync(kFullMask, static_cast<long long>(k.pos), offset);
+  o.slot = __shfl_xor_sync(kFullMask, k.slot, offset);
+  return o;
+}
+
+// grid: one block per KV head (blockDim.x a multiple of 32). Evicts one victim at a time until n <= limit.
+template <class T, class Meta, class State, class DP>
+__global__ void evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) {
+  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+  __shared__ VictimKey warp_best[32];
+  __shared__ int s_victim;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (;;) {
+    const int n = h.n;
+    if (n <= h.limit) return;  // uniform: n was published before the last barrier
+    const std::int64_t newest = h.newest;
+    VictimKey best;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const std::int64_t p = h.pos[i];
+      const Meta m = h.meta[i];
+      if (DP::protects(h.state, m, p, newest)) continue;
+      best = better_victim(best, VictimKey{DP::score(h.state, m, p, newest), p, i});
+    }
+    for (int o = 16; o > 0; o >>= 1) best = better_victim(best, shfl_victim(best, o));
+    if (lane == 0) warp_best[warp] = best;
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      VictimKey b;
+      for (int w = 0; w < nw; ++w) b = better_victim(b, warp_best[w]);
+      s_victim = b.slot;
+    }
+    __syncthreads();
+    const int victim = s_victim;
+    if (victim < 0) {
+      if (threadIdx.x == 0) atomicExch(error, kErrAllProtected);
+      return;
+    }
+    const int last = n - 1;
+    if (victim != last) {
+      T* kv = h.k + static_cast<std::size_t>(victim) * d;
+      T* vv = h.v + static_cast<std::size_t>(victim) * d;
+      const T* kl = h.k + static_cast<std::size_t>(last) * d;
+      const T* vl = h.v + static_cast<std::size_t>(last) * d;
+      for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        kv[e] = kl[e];
+        vv[e] = vl[e];
+      }
+    }
+    __syncthreads();  // all reads of n, pos and meta of this round are done
+    if (threadIdx.x == 0) {
+      if (victim != last) {
+        h.pos[victim] = h.pos[last];
+        h.meta[victim] = h.meta[last];
+      }
+      h.n = last;
+      ++h.evictions;
+    }
+    __syncthreads();
+  }
+}
+
+// ---- decode attention -----------------------------------------------------------------------------------
+
+struct DecodeArgs {
+  const float* q = nullptr;  // [n_q_heads x d] fp32, query head kv * group + i belongs to KV head kv
+  int group = 1;
+  int d = 0;
+  float scale = 1.0f;
+  int n_splits = 1;
+  float* part_ml = nullptr;  // [n_q_heads x n_splits x 2]: max logit, sum of exp
+  float* part_o = nullptr;   // [n_q_heads x n_splits x d]: sum of exp(s - max) * v
+  float* logits = nullptr;   // [n_q_heads x logits_stride] or null: raw scaled logits per slot
+  int logits_stride = 0;
+};
+
+// Dynamic shared memory of decode_split_kernel for a tile of G query heads.
+inline std::size_t decode_smem_bytes(int G, int d) {
+  return sizeof(float) * static_cast<std::size_t>(G) *
+         (static_cast<std::size_t>(d) * (1 + kDecodeWarps) + kDecodeChunk + 2);
+}
+
+// grid: (n_splits, n_kv_heads, group / G); block: kDecodeThreads. Requires d % 4 == 0 and d <= 256.
+template <class T, int G, class Head>
+__global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Head* heads, DecodeArgs a) {
+  extern __shared__ float4 smem4[];
+  const int d = a.d, d4 = d / 4;
+  float* q_s = reinterpret_cast<float*>(smem4);  // [G x d]
+  float* red = q_s + G * d;                      // [warps x G x d]
+  float* s_s = red + kDecodeWarps * G * d;       // [G x chunk]
+  float* stat = s_s + G * kDecodeChunk;          // [G x 2]
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int split = blockIdx.x, row0 = blockIdx.y * a.group + blockIdx.z * G;
+  const Head& h = heads[blockIdx.y];
+  const int begin = split * kDecodeChunk;
+  const int cnt = min(h.n - begin, kDecodeChunk);
+  auto ml = [&](int g) { return a.part_ml + (static_cast<std::size_t>(row0 + g) * a.n_splits + split) * 2; };
+  auto po = [&](int g) { return a.part_o + (static_cast<std::size_t>(row0 + g) * a.n_splits + split) * d; };
+  if (cnt <= 0) {  // an empty split: neutral partial (the whole block leaves together)
+    for (int g = tid; g < G; g += blockDim.x) {
+      ml(g)[0] = -INFINITY;
+      ml(g)[1] = 0.0f;
+    }
+    for (int i = tid; i < G * d; i += blockDim.x) po(i / d)[i % d] = 0.0f;
+    return;
+  }
+  for (int i = tid; i < G * d; i += blockDim.x) q_s[i] = a.q[static_cast<std::size_t>(row0) * d + i];
+  __syncthreads();
+
+  // scores: a warp takes kRows slots at a time (their loads issued together), lanes across the key rows, all G
+  // queries per key read
+  for (int j0 = warp * kRows; j0 < cnt; j0 += kDecodeWarps * kRows) {
+    float acc[kRows][G];
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[r][g] = 0.0f;
+    for (int c = lane; c < d4; c += 32) {
+      float kv[kRows][4];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (j0 + r < cnt) {
+          load4(h.k + static_cast<std::size_t>(begin + j0 + r) * d + 4 * c, kv[r]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) kv[r][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int g = 0; g < G; ++g) {
+        const float4 qq = reinterpret_cast<const float4*>(q_s + g * d)[c];
+#pragma unroll
+        for (int r = 0; r < kRows; ++r)
+          acc[r][g] += qq.x * kv[r][0] + qq.y * kv[r][1] + qq.z * kv[r][2] + qq.w * kv[r][3];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < kRows; ++r)
+#pragma unroll
+      for (int g = 0; g < G; ++g) acc[r][g] = warp_sum(acc[r][g]);
+    if (lane == 0) {
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int j = j0 + r;
+        if (j >= cnt) break;
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float s = acc[r][g] * a.scale;
+          s_s[g * kDecodeChunk + j] = s;
+          if (a.logits != nullptr) a.logits[static_cast<std::size_t>(row0 + g) * a.logits_stride + begin + j] = s;
+        }
+      }
+    }
+  }
+  __syncthreads();
+
+  // per query: max and sum of exp over this split; s_s becomes exp(s - max)
+  for (int g = warp; g < G; g += kDecodeWarps) {
+    float* row = s_s + g * kDecodeChunk;
+    float m = -INFINITY;
+    for (int j = lane; j < cnt; j += 32) m = fmaxf(m, row[j]);
+    m = warp_max(m);
+    float l = 0.0f;
+    for (int j = lane; j < cnt; j += 32) {
+      const float p = expf(row[j] - m);
+      row[j] = p;
+      l += p;
+    }
+    l = warp_sum(l);
+    if (lane == 0) {
+      stat[2 * g] = m;
+      stat[2 * g + 1] = l;
+    }
+  }
+  __syncthreads();
+
+  // values: kRows slots per warp at a time, lane owns 4-wide column vectors lane and lane + 32
+  float o[G][kMaxVecPerLane][4];
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int u = 0; u < kMaxVecPerLane; ++u)
+#pragma unroll
+      for (int e = 0; e < 4; ++e) o[g][u][e] = 0.0f;
+  for (int j0 = warp * kRows; j0 < cnt; j0 += kDecodeWarps * kRows) {
+#pragma unroll
+    for (int u = 0; u < kMaxVecPerLane; ++u) {
+      const int c = lane + 32 * u;
+      if (c >= d4) continue;
+      float vv[kRows][4];
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        if (j0 + r < cnt) {
+          load4(h.v + static_cast<std::size_t>(begin + j0 + r) * d + 4 * c, vv[r]);
+        } else {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) vv[r][e] = 0.0f;
+        }
+      }
+#pragma unroll
+      for (int r = 0; r < kRows; ++r) {
+        const int j = j0 + r < cnt ? j0 + r : j0;  // rows past the end add 0 * (a live row's weight)
+#pragma unroll
+        for (int g = 0; g < G; ++g) {
+          const float p = s_s[g * kDecodeChunk + j];
+#pragma unroll
+          for (int e = 0; e < 4; ++e) o[g][u][e] += p * vv[r][e];
+        }
+      }
+    }
+  }
+#pragma unroll
+  for (int g = 0; g < G; ++g)
+#pragma unroll
+    for (int u = 0; u < kMaxVecPerLane; ++u) {
+      const int c = lane + 32 * u;
+      if (c < d4)
+#pragma unroll
+        for (int e = 0; e < 4; ++e) red[(warp * G + g) * d + 4 * c + e] = o[g][u][e];
+    }
+  __syncthreads();
+  for (int i = tid; i < G * d; i += blockDim.x) {
+    float s = 0.0f;
+#pragma unroll
+    for (int w = 0; w < kDecodeWarps; ++w) s += red[w * G * d + i];
+    po(i / d)[i % d] = s;
+  }
+  for (int g = tid; g < G; g += blockDim.x) {
+    ml(g)[0] = stat[2 * g];
+    ml(g)[1] = stat[2 * g + 1];
+  }
+}
+
+// grid: n_q_heads blocks. out: [n_q_heads x d]; stats (optional): [n_q_heads x 2] global max and sum.
+__global__ void decode_combine_kernel(const float* part_ml, const float* part_o, int n_splits, int d, float* out,
+                                      float* stats) {
+  const int row = blockIdx.x;
+  const float* ml = part_ml + static_cast<std::size_t>(row) * n_splits * 2;
+  SoftmaxPartial tot;
+  for (int s = 0; s < n_splits; ++s) tot = merge(tot, SoftmaxPartial{ml[2 * s], ml[2 * s + 1]});
+  const float inv = tot.l > 0.0f ? 1.0f / tot.l : 0.0f;
+  for (int e = threadIdx.x; e < d; e += blockDim.x) {
+    float acc = 0.0f;
+    for (int s = 0; s < n_splits; ++s)
+      acc += rescale_weight(ml[2 * s], tot.m) * part_o[(static_cast<std::size_t>(row) * n_splits + s) * d + e];
+    out[static_cast<std::size_t>(row) * d + e] = acc * inv;
+  }
+  if (stats != nullptr && threadIdx.x == 0) {
+    stats[2 * row] = tot.m;
+    stats[2 * row + 1] = tot.l;
+  }
+}
+
+// grid: (ceil(stride / blockDim), n_q_heads). Logits of the live slots -> probabilities, in place.
+template <class Head>
+__global__ void probs_kernel(const Head* heads, const float* stats, float* logits, int stride, int group) {
+  const int row = blockIdx.y;
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= heads[row / group].n) return;
+  float* x = logits + static_cast<std::size_t>(row) * stride + i;
+  *x = expf(*x - stats[2 * row]) / stats[2 * row + 1];
+}
+
+// grid: (ceil(stride / blockDim), n_kv_heads). One thread per live slot.
+template <class DP, class Head>
+__global__ void on_attention_kernel(Head* heads, const float* probs, int stride, int group) {
+  Head& h = heads[blockIdx.y];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= h.n) return;
+  const AttentionRows rows{probs + static_cast<std::size_t>(blockIdx.y) * group * stride, h.n, group, stride};
+  DP::on_attention(h.state, h.meta[i], i, rows);
+}
+
+// ---- host-side launch of a decode attention step (used by CudaBackend and the benchmark) ----------------
+
+template <class T, class Head>
+auto decode_split_for_tile(int tile) {
+  using Kernel = void (*)(const Head*, DecodeArgs);
+  Kernel k = tile == 8   ? decode_split_kernel<T, 8, Head>
+             : tile == 4 ? decode_split_kernel<T, 4, Head>
+             : tile == 2 ? decode_split_kernel<T, 2, Head>
+                         : decode_split_kernel<T, 1, Head>;
+  return k;
+}
+
+// Once per shape: lets the pass-1 kernel use more than 48 KiB of shared memory when it needs it.
+template <class T, class Head>
+cudaError_t prepare_decode_attention(int group, int d) {
+  const int tile = group_tile(group);
+  const std::size_t smem = decode_smem_bytes(tile, d);
+  if (smem <= 48 * 1024) return cudaSuccess;
+  return cudaFuncSetAttribute(decode_split_for_tile<T, Head>(tile), cudaFuncAttributeMaxDynamicSharedMemorySize,
+                              static_cast<int>(smem));
+}
+
+// Pass 1 over n_kv heads (a.n_splits splits each), pass 2 into out [n_kv*group x d]; when a.logits is set,
+// also the global statistics into stats [n_kv*group x 2] and the probabilities in place of the logits.
+template <class T, class Head>
+void launch_decode_attention(const Head* heads, int n_kv, const DecodeArgs& a, float* out, float* stats,
+                             cudaStream_t stream) {
+  const int tile = group_tile(a.group);
+  const dim3 grid(static_cast<unsigned>(a.n_splits), static_cast<unsigned>(n_kv),
+                  static_cast<unsigned>(a.group / tile));
+  decode_split_for_tile<T, Head>(tile)<<<grid, kDecodeThreads, decode_smem_bytes(tile, a.d), stream>>>(heads, a);
+  const int rows = n_kv * a.group;
+  decode_combine_kernel<<<rows, 128, 0, stream>>>(a.part_ml, a.part_o, a.n_splits, a.d, out,
+                                                  a.logits != nullptr ? stats : nullptr);
+  if (a.logits != nullptr) {
+    const dim3 g2(static_cast<unsigned>((a.logits_stride + 255) / 256), static_cast<unsigned>(rows));
+    probs_kernel<Head><<<g2, 256, 0, stream>>>(heads, stats, a.logits, a.logits_stride, a.group);
+  }
+}
+
+// ---- prefill ------------------------------------------------------------------------------------------
+
+// S: [group x B x width] scaled scores of prompt rows t0..t0+B-1 (row r sees keys 0..t0+r). Causal softmax in
+// place (masked entries become 0). With kSums, adds each probability to col[gi x T] and, for the last
+// `window` rows of the prompt, to win[gi x T]. grid: (B, group), block 256.
+template <bool kSums>
+__global__ void prompt_softmax_kernel(float* S, int B, int width, int t0, int T, int window, float* col,
+                                      float* win) {
+  __shared__ float scratch[33];
+  const int r = blockIdx.x, gi = blockIdx.y, t = t0 + r;
+  float* row = S + (static_cast<std::size_t>(gi) * B + r) * width;
+  float m = -INFINITY;
+  for (int j = threadIdx.x; j <= t; j += blockDim.x) m = fmaxf(m, row[j]);
+  m = block_reduce<true>(m, scratch);
+  float l = 0.0f;
+  for (int j = threadIdx.x; j <= t; j += blockDim.x) {
+    const float p = expf(row[j] - m);
+    row[j] = p;
+    l += p;
+  }
+  l = block_reduce<false>(l, scratch);
+  const float inv = 1.0f / l;
+  const bool in_window = t >= T - window;
+  for (int j = threadIdx.x; j < width; j += blockDim.x) {
+    if (j > t) {
+      row[j] = 0.0f;
+      continue;
+    }
+    const float p = row[j] * inv;
+    row[j] = p;
+    if constexpr (kSums) {
+      atomicAdd(col + static_cast<std::size_t>(gi) * T + j, p);
+      if (in_window) atomicAdd(win + static_cast<std::size_t>(gi) * T + j, p);
+    }
+  }
+}
+
+// grid: one block per KV head. Replays on_insert over the prompt in order (thread 0; cheap per token), then
+// gives every token its sort key for the keep selection (prompt_sort_key; protected tokens score +inf and
+// sort last). K: [T x n_kv_heads*d] fp32 prompt keys; keys: [n_kv_heads x T]. col/win: [n_kv_heads x group x T] (null when the policy needs none).
+template <class DP, class Head, class Meta>
+__global__ void prompt_meta_kernel(Head* heads, Meta* meta_tmp, std::uint64_t* keys, const float* K, int n_kv, int d,
+                                   int T, std::int64_t first_pos, const float* col, const float* win, int group) {
+  Head& h = heads[blockIdx.x];
+  Meta* meta = meta_tmp + static_cast<std::size_t>(blockIdx.x) * T;
+  if (threadIdx.x == 0) {
+    for (int t = 0; t < T; ++t) {
+      meta[t] = Meta{};
+      DP::on_insert(h.state, meta[t], first_pos + t,
+                    K + static_cast<std::size_t>(t) * n_kv * d + static_cast<std::size_t>(blockIdx.x) * d, d);
+    }
+    const std::int64_t last = first_pos + T - 1;
+    if (last > h.newest) h.newest = last;
+  }
+  __syncthreads();
+  const std::int64_t newest = h.newest;
+  const std::size_t base = static_cast<std::size_t>(blockIdx.x) * group * T;
+  const AttentionRows c{col != nullptr ? col + base : nullptr, T, group, T};
+  const AttentionRows w{win != nullptr ? win + base : nullptr, T, group, T};
+  for (int t = threadIdx.x; t < T; t += blockDim.x) {
+    const float s = DP::prompt_score(h.state, meta[t], t, c, w);
+    const float score = DP::protects(h.state, meta[t], first_pos + t, newest) ? INFINITY : s;
+    keys[static_cast<std::size_t>(blockIdx.x) * T + t] = prompt_sort_key(score, t);
+  }
+}
+
+// grid: (ceil(T / blockDim), n_kv_heads). After an ascending sort of each head's keys, the first
+// T - min(T, limit) tokens are dropped; a dropped protected key means the protected tokens alone exceed the limit.
+template <class Head>
+__global__ void prompt_mark_kernel(const Head* heads, const std::uint64_t* sorted_keys, unsigned char* keep, int T,
+                                   int* error) {
+  const Head& h = heads[blockIdx.y];
+  const int i = blockIdx.x * blockDim.x + threadIdx.x;
+  if (i >= T) return;
+  const int drop = T - min(T, h.limit);
+  const std::uint64_t key = sorted_keys[static_cast<std::size_t>(blockIdx.y) * T + i];
+  const bool dropped = i < drop;
+  keep[static_cast<std::size_t>(blockIdx.y) * T + sort_key_token(key)] = dropped ? 0 : 1;
+  if (dropped && sort_key_protected(key)) atomicExch(error, kErrAllProtected);
+}
+
+// grid: one block of kStoreThreads per KV head. Kept prompt tokens go to slots 0..kept-1 in position order.
+// K, V: [T x n_kv_heads*d] fp32; keep: [n_kv_heads x T]; meta_tmp: [n_kv_heads x T].
+inline constexpr int kStoreThreads = 256;
+template <class T, class Head, class Meta>
+__global__ void __launch_bounds__(kStoreThreads)
+    prompt_store_kernel(Head* heads, const float* K, const float* V, int n_kv, int d, int n_tokens,
+                        std::int64_t first_pos, const unsigned char* keep, const Meta* meta_tmp, int* error) {
+  using Scan = cub::BlockScan<int, kStoreThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  __shared__ int s_slot[kStoreThreads];
+  Head& h = heads[blockIdx.x];
+  const int start = h.n;
+  int base = start;
+  for (int t0 = 0; t0 < n_tokens; t0 += kStoreThreads) {
+    const int t = t0 + static_cast<int>(threadIdx.x);
+    const int flag = t < n_tokens && keep[static_cast<std::size_t>(blockIdx.x) * n_tokens + t] ? 1 : 0;
+    int offset = 0, total = 0;
+    Scan(scan_tmp).ExclusiveSum(flag, offset, total);
+    s_slot[threadIdx.x] = flag ? base + offset : -1;
+    __syncthreads();
+    if (base + total > h.cap) {
+      if (threadIdx.x == 0) atomicExch(error, kErrHeadFull);
+      return;
+    }
+    // copy rows cooperatively: the block walks the chunk's kept rows, threads across the row
+    for (int r = 0; r < kStoreThreads && t0 + r < n_tokens; ++r) {
+      const int slot = s_slot[r];
+      if (slot < 0) continue;
+      const std::size_t src = static_cast<std::size_t>(t0 + r) * n_kv * d + static_cast<std::size_t>(blockIdx.x) * d;
+      T* kd = h.k + static_cast<std::size_t>(slot) * d;
+      T* vd = h.v + static_cast<std::size_t>(slot) * d;
+      for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        kd[e] = from_f<T>(K[src + e]);
+        vd[e] = from_f<T>(V[src + e]);
+      }
+    }
+    if (flag) {
+      const int slot = base + offset;
+      h.pos[slot] = first_pos + t;
+      h.meta[slot] = meta_tmp[static_cast<std::size_t>(blockIdx.x) * n_tokens + t];
+    }
+    base += total;
+    __syncthreads();  // s_slot and scan_tmp are reused by the next chunk
+  }
+  if (threadIdx.x == 0) {
+    h.n = base;
+    h.evictions += static_cast<unsigned long long>(n_tokens - (base - start));
+  }
+}
+
+}  // namespace kernels
+}  // namespace kvtrim::gpu

@@ -1,0 +1,236 @@
+// CudaBackend against the CPU backend on the same inputs: every policy with a device implementation x every
+// storage type. Without a GPU each case WARNs and returns (the no-device error is checked instead).
+//
+// Stated bounds (outputs, NMSE = sum (gpu - cpu)^2 / sum cpu^2 over every output of the run):
+//   float: 1e-9 (fp32 everywhere; only summation order differs), and the same kept positions as the CPU.
+//   __half: 1e-5, __nv_bfloat16: 2e-4 (keys and values rounded to 11 / 8 significant bits; inputs ~N(0,1)).
+//   Policies whose decisions do not read attention (FullCache, StreamingLLM, L2Norm: norms of the fp32 input
+//   keys) keep the same positions in every type; attention-scored ones (H2O, TOVA, the test policy) report
+//   their decision agreement (mean Jaccard of kept sets) in half/bf16 and must stay above 0.75 (a rounding
+//   flip between two near-least tokens persists until one of them leaves, so some divergence is expected).
+#include <kvtrim/cuda/cuda_backend.cuh>
+
+#include <cstdio>
+#include <set>
+#include <string>
+
+#include "policies.hpp"
+#include "testing.hpp"
+
+namespace {
+
+bool have_gpu() {
+  if (kvtrim::gpu::device_count() > 0) return true;
+  WARN("no CUDA device (cudaGetDeviceCount reports none): GPU comparison skipped");
+  return false;
+}
+
+template <class T>
+const char* type_name() {
+  if constexpr (std::is_same_v<T, float>) return "float";
+  if constexpr (std::is_same_v<T, __half>) return "half";
+  if constexpr (std::is_same_v<T, __nv_bfloat16>) return "bf16";
+}
+
+template <class T>
+double nmse_bound() {
+  if constexpr (std::is_same_v<T, float>) return 1e-9;
+  if constexpr (std::is_same_v<T, __half>) return 1e-5;
+  return 2e-4;
+}
+
+struct Nmse {
+  double err = 0, ref = 0;
+  void add(const std::vector<float>& gpu, const std::vector<float>& cpu) {
+    for (std::size_t i = 0; i < cpu.size(); ++i) {
+      err += (double(gpu[i]) - cpu[i]) * (double(gpu[i]) - cpu[i]);
+      ref += double(cpu[i]) * cpu[i];
+    }
+  }
+  double value() const { return ref > 0 ? err / ref : err; }
+};
+
+double jaccard(const std::vector<std::int64_t>& a, const std::vector<std::int64_t>& b) {
+  std::set<std::int64_t> sa(a.begin(), a.end()), sb(b.begin(), b.end()), u = sa;
+  u.insert(sb.begin(), sb.end());
+  std::size_t inter = 0;
+  for (auto x : sa) inter += sb.count(x);
+  return u.empty() ? 1.0 : double(inter) / double(u.size());
+}
+
+// Runs the same prompt + decode stream through KVCache<P, CpuBackend> and KVCache<P, CudaBackend<T>>.
+// exact_positions: the kept positions must be identical after every call; otherwise the agreement is reported.
+template <class P, class T>
+void compare_with_cpu(const typename P::Params& params, const kvtrim::CacheConfig& cfg, int prompt, int total,
+                      bool exact_positions) {
+  if (!have_gpu()) return;
+  kvtrim::KVCache<P> cpu(cfg, params);
+  kvtrim::KVCache<P, kvtrim::CudaBackend<T>> gpu(cfg, params);
+  kvtest::Tokens tok(cfg, total, 21);
+  Nmse nmse;
+  double agree = 0;
+  int checks = 0;
+  auto compare_positions = [&] {
+    for (int l = 0; l < cfg.n_layers; ++l)
+      for (int h = 0; h < cfg.n_kv_heads; ++h) {
+        const auto a = gpu.positions(l, h), b = cpu.positions(l, h);
+        REQUIRE(a.size() == b.size());
+        if (exact_positions) REQUIRE(a == b);
+        agree += jaccard(a, b);
+        ++checks;
+      }
+    kvtest::check_invariants(gpu);
+  };
+  if (prompt > 0) {
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      auto Q = kvtest::Tokens::rows(tok.q, 0, prompt), K = kvtest::Tokens::rows(tok.k, 0, prompt),
+           V = kvtest::Tokens::rows(tok.v, 0, prompt);
+      std::vector<float> a(Q.size()), b(Q.size());
+      gpu.prefill(l, Q, K, V, a);
+      cpu.prefill(l, Q, K, V, b);
+      Nmse one;
+      one.add(a, b);
+      REQUIRE(one.value() < 1e-9);  // prefill attention is computed from the fp32 inputs in every type
+    }
+    compare_positions();
+  }
+  const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
+  std::vector<float> a(qw), b(qw);
+  for (int t = prompt; t < total; ++t) {
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      gpu.decode(l, tok.q[t], tok.k[t], tok.v[t], a);
+      cpu.decode(l, tok.q[t], tok.k[t], tok.v[t], b);
+      nmse.add(a, b);
+    }
+    compare_positions();
+  }
+  if (exact_positions) REQUIRE(gpu.evictions() == cpu.evictions());
+  const double agreement = checks > 0 ? agree / checks : 1.0;
+  char line[256];
+  std::snprintf(line, sizeof line, "%s/%s g=%d d=%d budget=%d: decode NMSE %.3g (bound %.1g), decision agreement %.4f",
+                std::string(P::kName).c_str(), type_name<T>(), cfg.group_size(), cfg.head_dim, cfg.budget,
+                nmse.value(), nmse_bound<T>(), agreement);
+  WARN(line);
+  REQUIRE(nmse.value() < nmse_bound<T>());
+  REQUIRE(agreement > (exact_positions ? 0.999 : 0.75));
+}
+
+kvtrim::CacheConfig shape(int group, int d, int budget) {
+  return {.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 2 * group, .head_dim = d, .budget = budget};
+}
+
+template <class T>
+void all_policies() {
+  SECTION("FullCache: prompt, then decode to the budget") {
+    compare_with_cpu<kvtrim::FullCache, T>({}, shape(4, 64, 120), 50, 120, true);
+  }
+  SECTION("StreamingLLM: prompt longer than the budget, several decode splits") {
+    compare_with_cpu<kvtrim::StreamingLLM, T>({.sinks = 4}, shape(8, 128, 300), 400, 700, true);
+  }
+  SECTION("StreamingLLM: explicit window, decode only, group of 6 (query tiles of 2)") {
+    compare_with_cpu<kvtrim::StreamingLLM, T>({.sinks = 2, .window = 20}, shape(6, 32, 40), 0, 120, true);
+  }
+  SECTION("Accumulated attention (probabilities from the decode kernel, prompt column sums)") {
+    compare_with_cpu<kvtest::AccumAttention, T>({.recent = 4}, shape(4, 64, 48), 80, 200,
+                                                std::is_same_v<T, float>);
+  }
+  SECTION("H2O (heavy hitters + recent window, sinks)") {
+    compare_with_cpu<kvtrim::H2O, T>({.heavy_ratio = 0.5, .sinks = 2}, shape(4, 64, 48), 80, 200,
+                                     std::is_same_v<T, float>);
+  }
+  SECTION("TOVA (last query's attention; prompt window of one row)") {
+    compare_with_cpu<kvtrim::TOVA, T>({.recent = 1}, shape(2, 64, 40), 70, 160, std::is_same_v<T, float>);
+  }
+  SECTION("L2Norm (norms of the fp32 input keys: same decisions in every type)") {
+    compare_with_cpu<kvtrim::L2Norm, T>({.sinks = 2, .recent = 4}, shape(4, 128, 48), 90, 200, true);
+  }
+  SECTION("Accumulated attention, head_dim 256 (shared memory above 48 KiB), group 8") {
+    compare_with_cpu<kvtest::AccumAttention, T>({.recent = 8}, shape(8, 256, 300), 100, 360,
+                                                std::is_same_v<T, float>);
+  }
+}
+
+}  // namespace
+
+TEST_CASE("CudaBackend<float> matches the CPU backend", "[cuda][gpu][float]") { all_policies<float>(); }
+TEST_CASE("CudaBackend<half> matches the CPU backend within its bound", "[cuda][gpu][half]") {
+  all_policies<__half>();
+}
+TEST_CASE("CudaBackend<bfloat16> matches the CPU backend within its bound", "[cuda][gpu][bf16]") {
+  all_policies<__nv_bfloat16>();
+}
+
+TEST_CASE("CudaBackend decode output equals a naive double-precision reference", "[cuda][gpu]") {
+  if (!have_gpu()) return;
+  const auto cfg = shape(4, 64, 600);
+  kvtrim::KVCache<kvtrim::FullCache, kvtrim::CudaBackend<float>> gpu(cfg);
+  kvtest::Tokens tok(cfg, 600, 4);
+  std::vector<float> out(static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim);
+  for (int t = 0; t < 600; ++t) {
+    gpu.decode(0, tok.q[t], tok.k[t], tok.v[t], out);
+    if (t % 97 != 0 && t != 599) continue;  // 600 slots = 3 splits at the end
+    for (int qh = 0; qh < cfg.n_q_heads; ++qh) {
+      const int kv = qh / cfg.group_size();
+      std::vector<const float*> keys, values;
+      for (int j = 0; j <= t; ++j) {
+        keys.push_back(tok.k[j].data() + kv * cfg.head_dim);
+        values.push_back(tok.v[j].data() + kv * cfg.head_dim);
+      }
+      const auto want = kvtest::naive_attention(tok.q[t].data() + qh * cfg.head_dim, keys, values, cfg.head_dim);
+      for (int e = 0; e < cfg.head_dim; ++e) REQUIRE(out[qh * cfg.head_dim + e] == Approx(want[e]).margin(1e-5));
+    }
+  }
+}
+
+TEST_CASE("CudaBackend accepts device pointers and an explicit stream", "[cuda][gpu]") {
+  if (!have_gpu()) return;
+  auto cfg = shape(4, 64, 32);
+  cfg.check_finite = false;  // device inputs: KVCache cannot read them on the host
+  kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<__half>> dev(cfg, {.sinks = 2});
+  kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<__half>> host(cfg, {.sinks = 2});
+  cudaStream_t stream = nullptr;
+  KVTRIM_CUDA_CHECK(cudaStreamCreate(&stream));
+  dev.backend().set_stream(stream);
+  REQUIRE(dev.backend().stream() == stream);
+  kvtest::Tokens tok(cfg, 80, 9);
+  const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
+  const std::size_t kw = static_cast<std::size_t>(cfg.n_kv_heads) * cfg.head_dim;
+  float *q = nullptr, *k = nullptr, *v = nullptr, *o = nullptr;
+  KVTRIM_CUDA_CHECK(cudaMalloc(&q, qw * sizeof(float)));
+  KVTRIM_CUDA_CHECK(cudaMalloc(&k, kw * sizeof(float)));
+  KVTRIM_CUDA_CHECK(cudaMalloc(&v, kw * sizeof(float)));
+  KVTRIM_CUDA_CHECK(cudaMalloc(&o, qw * sizeof(float)));
+  std::vector<float> a(qw), b(qw);
+  for (int t = 0; t < 80; ++t) {
+    KVTRIM_CUDA_CHECK(cudaMemcpy(q, tok.q[t].data(), qw * sizeof(float), cudaMemcpyHostToDevice));
+    KVTRIM_CUDA_CHECK(cudaMemcpy(k, tok.k[t].data(), kw * sizeof(float), cudaMemcpyHostToDevice));
+    KVTRIM_CUDA_CHECK(cudaMemcpy(v, tok.v[t].data(), kw * sizeof(float), cudaMemcpyHostToDevice));
+    dev.decode(0, {q, qw}, {k, kw}, {v, kw}, {o, qw});
+    dev.backend().synchronize();
+    KVTRIM_CUDA_CHECK(cudaMemcpy(a.data(), o, qw * sizeof(float), cudaMemcpyDeviceToHost));
+    host.decode(0, tok.q[t], tok.k[t], tok.v[t], b);
+    REQUIRE(a == b);  // same kernels, same inputs: bit-identical
+  }
+  REQUIRE(dev.positions(0, 0) == host.positions(0, 0));
+  SECTION("mixing host and device buffers is refused") {
+    REQUIRE_THROWS_WITH(dev.decode(0, {q, qw}, tok.k[0], {v, kw}, {o, qw}),
+                        Catch::Matchers::Contains("host memory or all in device memory"));
+  }
+  cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(o);
+  dev.backend().set_stream(nullptr);
+  KVTRIM_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+TEST_CASE("CudaBackend construction errors", "[cuda][errors]") {
+  const auto cfg = shape(2, 64, 16);
+  if (kvtrim::gpu::device_count() == 0) {
+    // runs on machines without a GPU: the backend refuses clearly instead of failing later
+    REQUIRE_THROWS_WITH((kvtrim::KVCache<kvtrim::FullCache, kvtrim::CudaBackend<float>>(cfg)),
+                        Catch::Matchers::Contains("no CUDA device available"));
+    return;
+  }
+  REQUIRE_THROWS_WITH((kvtrim::KVCache<kvtrim::FullCache, kvtrim::CudaBackend<float>>(shape(2, 6, 16))),
+                      Catch::Matchers::Contains("head_dim is 6"));
+  REQUIRE_THROWS_WITH((kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<float>>(cfg, {.sinks = 16})),
+                      Catch::Matchers::Contains("sinks"));
+}
