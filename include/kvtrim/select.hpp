@@ -89,4 +89,18 @@ void keep_top_scored(HeadStore<Meta>& h, Protection pr, ScoreFn&& score, std::ve
   h.keep_only(keep);
 }
 
+// Cuts a freshly loaded prompt (token i in slot i) to the sinks (positions < sinks) plus the newest tokens
+// that still fit the budget: StreamingLLM-style truncation. `keep` is scratch space.
+template <class Meta>
+void keep_sinks_and_newest(HeadStore<Meta>& h, int sinks, std::vector<int>& keep) {
+  if (h.size() <= h.budget()) return;
+  keep.clear();
+  int n_sinks = 0;
+  for (int i = 0; i < h.size(); ++i) n_sinks += h.pos(i) < sinks ? 1 : 0;
+  const int room = h.budget() - n_sinks;
+  for (int i = 0; i < h.size(); ++i)
+    if (h.pos(i) < sinks || i >= h.size() - room) keep.push_back(i);
+  h.keep_only(keep);
+}
+
 }  // namespace kvtrim

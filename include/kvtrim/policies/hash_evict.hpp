@@ -129,14 +129,7 @@ struct HashEvict {
           s.keep, "HashEvict");
       return;
     }
-    // recent_global: prompt token i sits in slot i; keep the sinks and the newest tokens that still fit.
-    s.keep.clear();
-    int n_sinks = 0;
-    for (int i = 0; i < h.size(); ++i) n_sinks += h.pos(i) < pr_.sinks ? 1 : 0;
-    const int room = h.budget() - n_sinks;
-    for (int i = 0; i < h.size(); ++i)
-      if (h.pos(i) < pr_.sinks || i >= h.size() - room) s.keep.push_back(i);
-    h.keep_only(s.keep);
+    keep_sinks_and_newest(h, pr_.sinks, s.keep);  // recent_global
   }
 
  private:
