@@ -2,6 +2,7 @@
 # Installs what is missing (Debian packages), builds kvtrim with warnings as errors, and runs every test.
 #   ./test.sh             Release build in build/, all tests, benchmarks and examples built
 #   ./test.sh --sanitize  the tests again under AddressSanitizer + UndefinedBehaviorSanitizer (build-asan/)
+#   ./test.sh --tsan      the concurrency test (test_threads) under ThreadSanitizer (build-tsan/)
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -16,7 +17,14 @@ if ((${#missing[@]})); then
 fi
 
 jobs=$(nproc)
-if [ "${1:-}" = "--sanitize" ]; then
+if [ "${1:-}" = "--tsan" ]; then
+  # Only test_threads is built and run: it is the test that runs kvtrim on several threads at once.
+  cmake -S . -B build-tsan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVTRIM_WERROR=ON -DKVTRIM_CUDA=OFF \
+        -DKVTRIM_BUILD_BENCHMARKS=OFF -DKVTRIM_BUILD_EXAMPLES=OFF \
+        -DCMAKE_CXX_FLAGS=-fsanitize=thread -DCMAKE_EXE_LINKER_FLAGS=-fsanitize=thread
+  cmake --build build-tsan -j"$jobs" --target test_threads
+  TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ./build-tsan/tests/test_threads
+elif [ "${1:-}" = "--sanitize" ]; then
   cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVTRIM_WERROR=ON -DKVTRIM_SANITIZE=ON \
         -DKVTRIM_CUDA=OFF -DKVTRIM_BUILD_BENCHMARKS=OFF -DKVTRIM_BUILD_EXAMPLES=OFF
   cmake --build build-asan -j"$jobs"
