@@ -33,7 +33,10 @@ class Tokenizer {
     const std::streamoff size = f.tellg();
     f.seekg(0);
     auto fail = [&](const std::string& why) { throw LoadError("llama2 tokenizer " + path + ": " + why); };
-    if (vocab_size <= 0) fail("vocab_size must be > 0, got " + std::to_string(vocab_size));
+    // Byte fallback addresses ids 3..258, so a smaller vocabulary could not encode arbitrary text.
+    if (vocab_size < 259)
+      fail("vocab_size must be >= 259 (ids 3..258 are the byte tokens <0x00>..<0xFF>), got " +
+           std::to_string(vocab_size));
     std::int32_t max_len = 0;
     if (!f.read(reinterpret_cast<char*>(&max_len), 4)) fail("shorter than the 4-byte header");
     if (max_len <= 0 || max_len > 1 << 16) fail("max_token_length " + std::to_string(max_len) + " out of 1..65536");
