@@ -61,7 +61,7 @@ class KVCache {
     KVTRIM_CHECK(T <= static_cast<std::size_t>(INT32_MAX / 2), "prefill: prompt of ", T, " tokens is too long");
     KVTRIM_CHECK(next_pos_[layer] == 0, "prefill: layer ", layer, " already holds ", next_pos_[layer],
                  " tokens; prefill starts a sequence (call reset(), or feed further tokens through decode)");
-    check_capacity(layer, static_cast<int>(T), "prefill");
+    check_capacity(layer, static_cast<int>(T), /*prefill=*/true);
     check_finite(Q, "prefill", "Q");
     check_finite(K, "prefill", "K");
     check_finite(V, "prefill", "V");
@@ -86,7 +86,7 @@ class KVCache {
                  " expects a position >= ", next_pos_[layer]);
     KVTRIM_CHECK(pos < kMaxPosition, "decode: position ", pos, " is too large; positions must stay below ",
                  kMaxPosition);
-    check_capacity(layer, 1, "decode");
+    check_capacity(layer, 1, /*prefill=*/false);
     check_finite(q, "decode", "q");
     check_finite(k, "decode", "k");
     check_finite(v, "decode", "v");
@@ -141,12 +141,12 @@ class KVCache {
   }
   // A policy that never evicts (FullCache; SnapKV<FullCache> once its prompt is compressed) cannot make
   // room: refuse the tokens before anything changes.
-  void check_capacity(int layer, int incoming, const char* op) const {
-    const bool prefill = std::string_view(op) == "prefill";
+  void check_capacity(int layer, int incoming, bool prefill) const {
     if (!(prefill ? never_evicts_in_prefill<P>() : never_evicts_in_decode<P>())) return;
     for (int h = 0; h < cfg_.n_kv_heads; ++h) {
       const auto& head = impl_.head(layer, h);
-      KVTRIM_CHECK(head.size() + incoming <= head.budget(), op, ": ", P::kName, " never evicts and layer ", layer,
+      KVTRIM_CHECK(head.size() + incoming <= head.budget(), prefill ? "prefill" : "decode", ": ", P::kName,
+                   " never evicts and layer ", layer,
                    " KV head ", h, " holds ", head.size(), " of its ", head.budget(), " tokens; ", incoming,
                    " more do not fit (raise the budget or choose an evicting policy)");
     }

@@ -14,6 +14,7 @@
 #pragma once
 
 #include <string_view>
+#include <vector>
 
 #include "../policy.hpp"
 
@@ -29,6 +30,7 @@ struct StreamingLLM {
   };
   struct HeadState {
     int sinks_seen = 0;
+    std::vector<int> keep;  // prompt-compression scratch
   };
   static constexpr std::string_view kName = "streaming";
   static constexpr Signals kSignals = Signals::kNone;
@@ -70,18 +72,17 @@ struct StreamingLLM {
   }
 
   // The prompt sits in slots 0..T-1 in order: keep the sinks and the last window tokens in one pass.
-  void on_prompt(HeadState&, HeadOf<StreamingLLM>& h, const PromptContext&) {
+  void on_prompt(HeadState& s, HeadOf<StreamingLLM>& h, const PromptContext&) {
     const int cap = capacity(h.budget());
     if (h.size() <= cap) return;
-    keep_.clear();
+    s.keep.clear();
     for (int i = 0; i < h.size(); ++i)
-      if (h.meta(i).sink || i >= h.size() - (cap - p_.sinks)) keep_.push_back(i);
-    h.keep_only(keep_);
+      if (h.meta(i).sink || i >= h.size() - (cap - p_.sinks)) s.keep.push_back(i);
+    h.keep_only(s.keep);
   }
 
  private:
   Params p_;
-  std::vector<int> keep_;
 };
 
 }  // namespace kvtrim
