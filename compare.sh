@@ -5,5 +5,6 @@
 set -euo pipefail
 cd "$(dirname "$0")"
 [ -f build/CMakeCache.txt ] || cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVTRIM_WERROR=ON >/dev/null
+echo "compare.sh: building compare_policies" >&2
 cmake --build build -j"$(nproc)" --target compare_policies >/dev/null
 exec build/examples/compare_policies "$@"
