@@ -324,7 +324,7 @@ void write_outputs(const Options& opt, const std::vector<Row>& rows, const llama
                 protocol_name(p), n_windows, full_budget,
                 p == Protocol::kPrompt ? (", prompt " + std::to_string(opt.prompt)).c_str() : "",
                 std::exp(full.nll / double(std::max(1LL, full.n))), full.n, full.recall_n);
-    std::printf("%-14s %6s %10s %7s %9s %8s %7s %8s %7s %9s\n", "policy", "budget", "KV bytes", "% full", "ppl",
+    std::printf("%-18s %6s %10s %7s %9s %8s %7s %8s %7s %9s\n", "policy", "budget", "KV bytes", "% full", "ppl",
                 "x full", "top-1", "KL", "recall", "tok/s");
     md << "\n**" << protocol_name(p) << "** (" << n_windows << " windows)\n\n"
        << "| policy | budget | KV bytes | % of full | perplexity | × full | top-1 agree | mean KL | long-range "
@@ -333,13 +333,13 @@ void write_outputs(const Options& opt, const std::vector<Row>& rows, const llama
       if (r.protocol != p) continue;
       const std::string budget = r.fixed ? std::to_string(full_budget) + "*" : std::to_string(r.budget);
       if (!r.acc.error.empty()) {
-        std::printf("%-14s %6s  n/a: %s\n", r.policy.c_str(), budget.c_str(), r.acc.error.c_str());
+        std::printf("%-18s %6s  n/a: %s\n", r.policy.c_str(), budget.c_str(), r.acc.error.c_str());
         csv << protocol_name(p) << ',' << r.policy << ',' << r.budget << ",,,,,,,,,,,\"" << r.acc.error << "\"\n";
         md << "| " << r.policy << " | " << budget << " | n/a: " << r.acc.error << " ||||||||\n";
         continue;
       }
       const Metrics m = metrics(r.acc, full);
-      std::printf("%-14s %6s %10.0f %6.1f%% %9.3f %8.3f %6.1f%% %8.4f %6.1f%% %9.0f\n", r.policy.c_str(),
+      std::printf("%-18s %6s %10.0f %6.1f%% %9.3f %8.3f %6.1f%% %8.4f %6.1f%% %9.0f\n", r.policy.c_str(),
                   budget.c_str(), m.bytes, m.pct, m.ppl, m.ratio, 100 * m.agree, m.kl, 100 * m.recall, m.tps);
       csv << protocol_name(p) << ',' << r.policy << ',' << (r.fixed ? full_budget : r.budget) << ','
           << fmt("%.0f", m.bytes) << ',' << fmt("%.2f", m.pct) << ',' << fmt("%.4f", m.ppl) << ','
