@@ -60,16 +60,7 @@ TEST_CASE("decode output over a StreamingLLM cache is attention over exactly the
   std::vector<float> out(64);
   for (int t = 0; t < 60; ++t) {
     cache.decode(0, tok.q[t], tok.k[t], tok.v[t], out);
-    for (int qh = 0; qh < 4; ++qh) {
-      const int kv = qh / 2;
-      std::vector<const float*> keys, values;
-      for (auto p : cache.positions(0, kv)) {
-        keys.push_back(tok.k[p].data() + kv * 16);
-        values.push_back(tok.v[p].data() + kv * 16);
-      }
-      const auto ref = kvtest::naive_attention(tok.q[t].data() + qh * 16, keys, values, 16);
-      for (int i = 0; i < 16; ++i) REQUIRE(std::abs(out[qh * 16 + i] - ref[i]) < 2e-5);
-    }
+    for (int kv = 0; kv < 2; ++kv) kvtest::require_group_attention(tok, t, cache.positions(0, kv), kv, 2, out);
   }
 }
 

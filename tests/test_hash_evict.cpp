@@ -335,16 +335,7 @@ void run_differential(CacheConfig cfg, const HashEvict::Params& params, int prom
         const auto kept = cache.positions(l, h);
         REQUIRE(kept == r.positions());
         // Eviction came first: attention ran over exactly the tokens kept now.
-        std::vector<const float*> keys, values;
-        for (auto p : kept) {
-          keys.push_back(tok.k[p].data() + h * d);
-          values.push_back(tok.v[p].data() + h * d);
-        }
-        for (int gi = 0; gi < g; ++gi) {
-          const int qh = h * g + gi;
-          const auto want = kvtest::naive_attention(tok.q[t].data() + qh * d, keys, values, d);
-          for (int i = 0; i < d; ++i) REQUIRE(std::abs(out[qh * d + i] - want[i]) < 2e-5);
-        }
+        kvtest::require_group_attention(tok, t, kept, h, g, out);
       }
     }
     kvtest::check_invariants(cache);

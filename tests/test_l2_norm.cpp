@@ -133,18 +133,9 @@ void run_differential(CacheConfig cfg, const L2Norm::Params& params, int prompt,
         r.step(t, sq_units(tok.k[t], h, d));
         REQUIRE(cache.positions(l, h) == r.positions());
         // Attention ran over the held tokens plus the new one.
-        std::vector<const float*> keys, values;
-        for (auto p : before[h]) {
-          keys.push_back(tok.k[p].data() + h * d);
-          values.push_back(tok.v[p].data() + h * d);
-        }
-        keys.push_back(tok.k[t].data() + h * d);
-        values.push_back(tok.v[t].data() + h * d);
-        for (int gi = 0; gi < g; ++gi) {
-          const int qh = h * g + gi;
-          const auto want = kvtest::naive_attention(tok.q[t].data() + qh * d, keys, values, d);
-          for (int i = 0; i < d; ++i) REQUIRE(std::abs(out[qh * d + i] - want[i]) < 2e-5);
-        }
+        auto attended = before[h];
+        attended.push_back(t);
+        kvtest::require_group_attention(tok, t, attended, h, g, out);
       }
     }
     kvtest::check_invariants(cache);

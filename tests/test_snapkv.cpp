@@ -195,16 +195,8 @@ TEST_CASE("SnapKV (FullCache decode) matches a slow reference over hundreds of r
     const auto evictions = cache.evictions();
     for (int t = T; t < T + extra; ++t) {
       cache.decode(0, tok.q[t], tok.k[t], tok.v[t], out);
-      for (int qh = 0; qh < cfg.n_q_heads; ++qh) {
-        const int kv = qh / g;
-        std::vector<const float*> keys, values;
-        for (auto pos : cache.positions(0, kv)) {
-          keys.push_back(tok.k[pos].data() + kv * cfg.head_dim);
-          values.push_back(tok.v[pos].data() + kv * cfg.head_dim);
-        }
-        const auto ref = kvtest::naive_attention(tok.q[t].data() + qh * cfg.head_dim, keys, values, cfg.head_dim);
-        for (int i = 0; i < cfg.head_dim; ++i) REQUIRE(std::abs(out[qh * cfg.head_dim + i] - ref[i]) < 2e-5);
-      }
+      for (int kv = 0; kv < cfg.n_kv_heads; ++kv)
+        kvtest::require_group_attention(tok, t, cache.positions(0, kv), kv, g, out);
       REQUIRE(cache.positions(0, 0).back() == t);
     }
     REQUIRE(cache.evictions() == evictions);

@@ -67,6 +67,23 @@ struct Tokens {
   }
 };
 
+// Decode output of token t for the query group of KV head h equals naive attention over exactly the tokens
+// at `positions` (original K/V rows from `tok`).
+inline void require_group_attention(const Tokens& tok, int t, const std::vector<std::int64_t>& positions, int h,
+                                    int group, const std::vector<float>& out, double tol = 2e-5) {
+  const int d = tok.d;
+  std::vector<const float*> keys, values;
+  for (auto p : positions) {
+    keys.push_back(tok.k[p].data() + h * d);
+    values.push_back(tok.v[p].data() + h * d);
+  }
+  for (int gi = 0; gi < group; ++gi) {
+    const int qh = h * group + gi;
+    const auto want = naive_attention(tok.q[t].data() + qh * d, keys, values, d);
+    for (int i = 0; i < d; ++i) REQUIRE(std::abs(out[qh * d + i] - want[i]) < tol);
+  }
+}
+
 // Invariants that hold for every policy after every call: budgets respected, positions unique, within the
 // tokens seen, and memory in use bounded by the budgets.
 template <class Cache>
