@@ -20,6 +20,14 @@
 
 namespace kvtrim {
 
+// Per-token StreamingLLM math (shared with device code): the first `sinks` tokens seen become sinks.
+KVTRIM_HOST_DEVICE inline void streaming_mark_sink(int& sinks_seen, int sinks, bool& sink) {
+  if (sinks_seen < sinks) {
+    sink = true;
+    ++sinks_seen;
+  }
+}
+
 struct StreamingLLM {
   struct Params {
     int sinks = 4;
@@ -54,10 +62,7 @@ struct StreamingLLM {
   int capacity(int budget) const { return p_.window > 0 ? p_.sinks + p_.window : budget; }
 
   void on_insert(HeadState& s, HeadOf<StreamingLLM>& h, const StepContext& step) {
-    if (s.sinks_seen < p_.sinks) {
-      h.meta(step.slot).sink = true;
-      ++s.sinks_seen;
-    }
+    streaming_mark_sink(s.sinks_seen, p_.sinks, h.meta(step.slot).sink);
   }
   void on_attention(HeadState&, HeadOf<StreamingLLM>&, const StepContext&, const AttentionRows&) {}
 

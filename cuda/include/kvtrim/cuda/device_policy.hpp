@@ -72,10 +72,7 @@ struct DevicePolicy<StreamingLLM> {
   static State initial(const StreamingLLM&, const StreamingLLM::Params& p, int) { return {0, p.sinks}; }
   static int keep_limit(const StreamingLLM& pol, int budget) { return pol.capacity(budget); }
   KVTRIM_HOST_DEVICE static void on_insert(State& s, Meta& m, std::int64_t, const float*, int) {
-    if (s.sinks_seen < s.sinks) {
-      m.sink = true;
-      ++s.sinks_seen;
-    }
+    streaming_mark_sink(s.sinks_seen, s.sinks, m.sink);
   }
   KVTRIM_HOST_DEVICE static bool protects(const State&, const Meta& m, std::int64_t, std::int64_t) {
     return m.sink;
