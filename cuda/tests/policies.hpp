@@ -63,11 +63,11 @@ struct kvtrim::gpu::DevicePolicy<kvtest::AccumAttention> {
   struct State {
     int recent = 0;
   };
-  static State initial(const kvtest::AccumAttention& p, const kvtest::AccumAttention::Params&, int) {
+  static State initial(const kvtest::AccumAttention& p, const kvtest::AccumAttention::Params&, int, int) {
     return {p.recent};
   }
   static int keep_limit(const kvtest::AccumAttention&, int budget) { return budget; }
-  KVTRIM_HOST_DEVICE static void on_insert(State&, Meta&, std::int64_t, const float*, int) {}
+  KVTRIM_HOST_DEVICE static void on_insert(State&, Meta&, std::int64_t, const kvtrim::gpu::TokenInputs&) {}
   KVTRIM_HOST_DEVICE static bool protects(const State& s, const Meta&, std::int64_t pos, std::int64_t newest) {
     return kvtrim::Protection{0, s.recent}.protects(pos, newest);
   }
@@ -75,8 +75,7 @@ struct kvtrim::gpu::DevicePolicy<kvtest::AccumAttention> {
   KVTRIM_HOST_DEVICE static void on_attention(const State&, Meta& m, int slot, const kvtrim::AttentionRows& rows) {
     m.score = kvtest::accumulate_attention(m.score, rows, slot);
   }
-  KVTRIM_HOST_DEVICE static float prompt_score(const State&, Meta& m, int t, const kvtrim::AttentionRows& col,
-                                               const kvtrim::AttentionRows&) {
-    return m.score = col.reduce(t, kvtrim::GroupReduce::kMean);
+  KVTRIM_HOST_DEVICE static float prompt_score(const State&, Meta& m, int t, const kvtrim::gpu::PromptSums& in) {
+    return m.score = in.col.reduce(t, kvtrim::GroupReduce::kMean);
   }
 };

@@ -5,7 +5,8 @@
 //   float: 1e-9 (fp32 everywhere; only summation order differs), and the same kept positions as the CPU.
 //   __half: 1e-5, __nv_bfloat16: 2e-4 (keys and values rounded to 11 / 8 significant bits; inputs ~N(0,1)).
 //   Policies whose decisions do not read attention (FullCache, StreamingLLM, L2Norm: norms of the fp32 input
-//   keys) keep the same positions in every type; attention-scored ones (H2O, TOVA, the test policy) report
+//   keys; HashEvict and BUZZ's hash scorer: SimHash codes of the fp32 inputs; SnapKV's prompt cut: votes of the fp32 prompt attention)
+//   keep the same positions in every type; attention-scored ones (H2O, TOVA, the test policy) report
 //   their decision agreement (mean Jaccard of kept sets) in half/bf16 and must stay above 0.75 (a rounding
 //   flip between two near-least tokens persists until one of them leaves, so some divergence is expected).
 #include <kvtrim/cuda/cuda_backend.cuh>
@@ -104,7 +105,10 @@ void compare_with_cpu(const typename P::Params& params, const kvtrim::CacheConfi
     }
     compare_positions();
   }
-  if (exact_positions) REQUIRE(gpu.evictions() == cpu.evictions());
+  if (exact_positions) {
+    REQUIRE(gpu.evictions() == cpu.evictions());
+    REQUIRE(gpu.merges() == cpu.merges());
+  }
   const double agreement = checks > 0 ? agree / checks : 1.0;
   char line[256];
   std::snprintf(line, sizeof line, "%s/%s g=%d d=%d budget=%d: decode NMSE %.3g (bound %.1g), decision agreement %.4f",
@@ -117,6 +121,17 @@ void compare_with_cpu(const typename P::Params& params, const kvtrim::CacheConfi
 
 kvtrim::CacheConfig shape(int group, int d, int budget) {
   return {.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 2 * group, .head_dim = d, .budget = budget};
+}
+
+// A low-rank basis calibrated on other random tokens of the same shape (ranks not multiples of 4, so the
+// backend pads them).
+std::shared_ptr<const kvtrim::EigenBasis> random_basis(const kvtrim::CacheConfig& cfg, int key_rank, int value_rank) {
+  kvtest::Tokens tok(cfg, 200, 77);
+  kvtrim::EigenCalibrator cal(cfg);
+  for (int l = 0; l < cfg.n_layers; ++l)
+    cal.add(l, kvtest::Tokens::rows(tok.k, 0, 200), kvtest::Tokens::rows(tok.v, 0, 200),
+            kvtest::Tokens::rows(tok.q, 0, 200));
+  return std::make_shared<const kvtrim::EigenBasis>(cal.basis({.key_rank = key_rank, .value_rank = value_rank}));
 }
 
 template <class T>
@@ -143,6 +158,56 @@ void all_policies() {
   }
   SECTION("L2Norm (norms of the fp32 input keys: same decisions in every type)") {
     compare_with_cpu<kvtrim::L2Norm, T>({.sinks = 2, .recent = 4}, shape(4, 128, 48), 90, 200, true);
+  }
+  SECTION("HashEvict, query probe (SimHash codes of the fp32 inputs: same decisions in every type)") {
+    compare_with_cpu<kvtrim::HashEvict, T>({.bits = 16, .sinks = 4, .recent = 6}, shape(4, 64, 48), 80, 200, true);
+  }
+  SECTION("HashEvict, key probe, hashed prompt, 64 bits, head_dim 128") {
+    compare_with_cpu<kvtrim::HashEvict, T>({.bits = 64,
+                                            .sinks = 2,
+                                            .recent = 4,
+                                            .probe = kvtrim::HashProbe::kKey,
+                                            .prompt = kvtrim::HashPromptMode::kHash},
+                                           shape(2, 128, 40), 90, 200, true);
+  }
+  SECTION("SnapKV (fp32 prompt votes: same prompt cut in every type), then append up to the budget") {
+    compare_with_cpu<kvtrim::SnapKV<>, T>({.window = 8, .kernel = 5, .capacity = 40}, shape(4, 64, 64), 150, 174,
+                                          true);
+  }
+  SECTION("SnapKV prompt cut, then H2O decode") {
+    compare_with_cpu<kvtrim::SnapKV<kvtrim::H2O>, T>({.window = 6, .decode = {.sinks = 2}}, shape(4, 64, 48), 120,
+                                                     220, std::is_same_v<T, float>);
+  }
+  SECTION("BUZZ (structured re-segmentation on the device), budget-derived window and threshold") {
+    compare_with_cpu<kvtrim::Buzz<>, T>({.sinks = 2, .window = 0, .threshold = 0}, shape(4, 64, 48), 120, 500,
+                                        std::is_same_v<T, float>);
+  }
+  SECTION("BUZZ with the hash scorer (codes of the fp32 inputs: same decisions in every type)") {
+    compare_with_cpu<kvtrim::Buzz<kvtrim::HashScorer>, T>({.sinks = 4, .window = 0, .threshold = 0}, shape(2, 64, 40),
+                                                          100, 400, true);
+  }
+  SECTION("EMS (decode merges on the device, prompt by the CPU policy on the host)") {
+    compare_with_cpu<kvtrim::Ems, T>({.sinks = 2, .recent = 4, .local_window = 8, .merge_similarity = 0.1f},
+                                     shape(4, 64, 48), 90, 220, std::is_same_v<T, float>);
+  }
+  SECTION("EMS, head-wise adaptation (a smaller decode target), values-only merges into any slot") {
+    compare_with_cpu<kvtrim::Ems, T>({.sinks = 2,
+                                      .recent = 2,
+                                      .merge_similarity = -1.0f,
+                                      .merge_keys = false,
+                                      .merge_into_sinks = true,
+                                      .coverage = 0.5f,
+                                      .min_keep = 0.4f},
+                                     shape(2, 64, 40), 100, 220, std::is_same_v<T, float>);
+  }
+  SECTION("Eigen Attention over FullCache (cuBLAS projections, ranks 13 and 10 padded to 16)") {
+    const auto cfg = shape(4, 64, 160);
+    compare_with_cpu<kvtrim::EigenAttention<>, T>({.basis = random_basis(cfg, 13, 10)}, cfg, 60, 160, true);
+  }
+  SECTION("Eigen Attention over H2O (decisions on the projected attention)") {
+    const auto cfg = shape(2, 64, 48);
+    compare_with_cpu<kvtrim::EigenAttention<kvtrim::H2O>, T>(
+        {.basis = random_basis(cfg, 22, 30), .inner = {.sinks = 2}}, cfg, 80, 200, std::is_same_v<T, float>);
   }
   SECTION("Accumulated attention, head_dim 256 (shared memory above 48 KiB), group 8") {
     compare_with_cpu<kvtest::AccumAttention, T>({.recent = 8}, shape(8, 256, 300), 100, 360,
@@ -219,6 +284,18 @@ TEST_CASE("CudaBackend accepts device pointers and an explicit stream", "[cuda][
   cudaFree(q), cudaFree(k), cudaFree(v), cudaFree(o);
   dev.backend().set_stream(nullptr);
   KVTRIM_CUDA_CHECK(cudaStreamDestroy(stream));
+}
+
+namespace kvtest {
+void second_unit_construct(const kvtrim::CacheConfig& cfg);  // second_unit.cu
+}
+
+TEST_CASE("The CUDA headers link from two translation units", "[cuda][errors]") {
+  // linking this program is the check; the call shows the other unit's backend behaves like this one's
+  if (kvtrim::gpu::device_count() == 0)
+    REQUIRE_THROWS_WITH(kvtest::second_unit_construct(shape(2, 64, 16)), Catch::Matchers::Contains("no CUDA device"));
+  else
+    REQUIRE_NOTHROW(kvtest::second_unit_construct(shape(2, 64, 16)));
 }
 
 TEST_CASE("CudaBackend construction errors", "[cuda][errors]") {

@@ -6,6 +6,7 @@
 #include <kvtrim/cuda/kernel_math.hpp>
 
 #include <algorithm>
+#include <cmath>
 #include <numeric>
 
 #include "policies.hpp"
@@ -118,55 +119,260 @@ TEST_CASE("Decode launch planning", "[cuda][math]") {
 
 namespace {
 
-// The device algorithm of cuda_backend.cuh for one head, step by step on the host, with the same DevicePolicy
-// hooks and the same selection arithmetic (prompt sort keys, better_victim); for policies without attention.
+// Softmax of the scaled dot products of q with keys[0..n) (double; the kernels use fp32, so scores that
+// depend on attention agree with them up to rounding).
+std::vector<double> probabilities(const float* q, const std::vector<const float*>& keys, int d) {
+  std::vector<double> p(keys.size());
+  double m = -INFINITY, z = 0;
+  for (std::size_t j = 0; j < keys.size(); ++j) {
+    double dot = 0;
+    for (int e = 0; e < d; ++e) dot += double(q[e]) * keys[j][e];
+    p[j] = dot / std::sqrt(double(d));
+    m = std::max(m, p[j]);
+  }
+  for (double& x : p) z += (x = std::exp(x - m));
+  for (double& x : p) x /= z;
+  return p;
+}
+
+// The device algorithm of cuda_backend.cuh for one layer with one KV head (group = every query head), step by
+// step on the host with the same DevicePolicy hooks, the same SimHash codes, the same prompt sums (col, win,
+// vote) and the same selection arithmetic (prompt sort keys, better_victim). Attention is recomputed here in
+// double from the original keys.
 template <class P>
 struct EmulatedHead {
   using DP = kvtrim::gpu::DevicePolicy<P>;
   typename DP::State state;
-  int limit;
+  int budget = 0, limit = 0, prompt_limit = 0, window = 0, vote_window = 0, group = 1, d = 0;
   std::vector<std::int64_t> pos;
   std::vector<typename P::SlotMeta> meta;
+  std::vector<std::vector<float>> krow, vrow;  // the slots' rows (merges change them)
   std::int64_t newest = -1;
-  const kvtest::Tokens* tok = nullptr;  // one layer, one KV head: token t's key is tok->k[t]
-  int d = 0;
-  const float* key(int t) const { return tok->k[static_cast<std::size_t>(t)].data(); }
+  const kvtest::Tokens* tok = nullptr;  // token t's key is tok->k[t], its g queries tok->q[t]
+  const P* policy = nullptr;  // the CPU policy (kHostPrompt runs its on_prompt, as the backend does)
+  std::vector<float> proj;              // kSimHash: the layer's projection
+  int bits = 0;
+  int merges = 0;
+
+  EmulatedHead(const P& pol, const typename P::Params& params, int head_budget, int g, int dim,
+               const kvtest::Tokens& t)
+      : state(DP::initial(pol, params, head_budget, g)),
+        budget(head_budget),
+        limit(DP::keep_limit(pol, head_budget)),
+        prompt_limit(kvtrim::gpu::traits::prompt_limit<DP>(pol, head_budget)),
+        window(pol.prompt_window()),
+        vote_window(kvtrim::gpu::traits::vote_window<DP>(pol)),
+        group(g),
+        d(dim),
+        tok(&t),
+        policy(&pol) {
+    if constexpr (kvtrim::gpu::traits::simhash<DP>()) {
+      const auto pr = DP::projection(pol, dim);
+      proj.assign(pr.data(), pr.data() + static_cast<std::size_t>(pr.bits()) * pr.dim());
+      bits = pr.bits();
+    }
+  }
+  const float* key(std::int64_t t) const { return tok->k[static_cast<std::size_t>(t)].data(); }
+  void add(std::int64_t t, const typename P::SlotMeta& m) {
+    pos.push_back(t), meta.push_back(m);
+    krow.emplace_back(key(t), key(t) + d);
+    vrow.emplace_back(tok->v[static_cast<std::size_t>(t)].begin(), tok->v[static_cast<std::size_t>(t)].begin() + d);
+  }
+  void remove_at(std::size_t i) {  // the last slot moves into the hole, as on the device
+    pos[i] = pos.back(), meta[i] = meta.back(), krow[i] = krow.back(), vrow[i] = vrow.back();
+    pos.pop_back(), meta.pop_back(), krow.pop_back(), vrow.pop_back();
+  }
+  void keep_flagged(const std::vector<char>& keep, const std::vector<typename P::SlotMeta>& new_meta) {
+    std::size_t w = 0;
+    for (std::size_t i = 0; i < pos.size(); ++i) {
+      if (!keep[i]) continue;
+      pos[w] = pos[i], meta[w] = new_meta[i], krow[w] = krow[i], vrow[w] = vrow[i];
+      ++w;
+    }
+    pos.resize(w), meta.resize(w), krow.resize(w), vrow.resize(w);
+  }
+  const float* query(std::int64_t t) const { return tok->q[static_cast<std::size_t>(t)].data(); }
+  std::uint64_t code(const float* x) const {
+    return bits > 0 ? kvtrim::simhash_code(proj.data(), d, bits, x) : 0;
+  }
+  void insert(typename P::SlotMeta& m, std::int64_t t, bool prefill, bool with_queries) {
+    kvtrim::gpu::TokenInputs in;
+    in.key = key(t);
+    in.d = d;
+    in.group = group;
+    in.prefill = prefill;
+    std::vector<std::uint64_t> qc;
+    if (bits > 0) {
+      in.key_code = code(key(t));
+      if (with_queries) {
+        for (int g = 0; g < group; ++g) qc.push_back(code(query(t) + static_cast<std::size_t>(g) * d));
+        in.q_codes = qc.data();
+      }
+    }
+    DP::on_insert(state, m, t, in);
+  }
 
   void prefill(int T) {
     std::vector<typename P::SlotMeta> m(static_cast<std::size_t>(T));
-    for (int t = 0; t < T; ++t) DP::on_insert(state, m[t], t, key(t), d);
+    for (int t = 0; t < T; ++t) insert(m[t], t, true, t == T - 1);
     newest = T - 1;
-    const kvtrim::AttentionRows none{};
-    std::vector<std::uint64_t> keys;
+    // prompt sums [group x T]: every query, the last `window` ones, the last `vote_window` ones
+    std::vector<float> col(static_cast<std::size_t>(group) * T), win(col.size()), vote(col.size());
+    std::vector<const float*> keys;
     for (int t = 0; t < T; ++t) {
-      const float s = DP::prompt_score(state, m[t], t, none, none);
-      keys.push_back(kvtrim::gpu::prompt_sort_key(DP::protects(state, m[t], t, newest) ? INFINITY : s, t));
+      keys.push_back(key(t));
+      for (int g = 0; g < group; ++g) {
+        const auto pr = probabilities(query(t) + static_cast<std::size_t>(g) * d, keys, d);
+        for (int j = 0; j <= t; ++j) {
+          const std::size_t at = static_cast<std::size_t>(g) * T + j;
+          col[at] += static_cast<float>(pr[j]);
+          if (t >= T - window) win[at] += static_cast<float>(pr[j]);
+          if (t >= T - vote_window) vote[at] += static_cast<float>(pr[j]);
+        }
+      }
     }
-    std::sort(keys.begin(), keys.end());
+    const kvtrim::gpu::PromptSums sums{
+        {col.data(), T, group, T}, {win.data(), T, group, T}, {vote.data(), T, group, T}};
+    if constexpr (kvtrim::gpu::traits::host_prompt<DP>()) {
+      // the backend's host path: the CPU policy's hooks on a host copy of the prompt, with these sums
+      kvtrim::HeadStore<typename P::SlotMeta> hs(d, d, budget);
+      hs.reserve(T + 1);
+      typename P::HeadState hst;
+      P pol = *policy;
+      for (int t = 0; t < T; ++t) {
+        kvtrim::StepContext step{0, 0, group, d, t, -1, query(t), true};
+        step.slot = hs.append(key(t), tok->v[static_cast<std::size_t>(t)].data(), t);
+        pol.on_insert(hst, hs, step);
+      }
+      pol.on_prompt(hst, hs,
+                    kvtrim::PromptContext{0, 0, group, T, col.data(), window > 0 ? win.data() : nullptr, window});
+      for (int i = 0; i < hs.size(); ++i) {
+        add(hs.pos(i), hs.meta(i));
+        krow.back().assign(hs.key_ptr(i), hs.key_ptr(i) + d);
+        vrow.back().assign(hs.value_ptr(i), hs.value_ptr(i) + d);
+      }
+      state = DP::after_host_prompt(state, hst, budget, limit);
+      return;
+    } else if constexpr (kvtrim::gpu::traits::structured<DP>()) {
+      for (int t = 0; t < T; ++t) {
+        (void)DP::prompt_score(state, m[t], t, sums);
+        add(t, m[t]);
+      }
+      fit();
+      return;
+    } else {
+    std::vector<std::uint64_t> keys_sorted;
+    for (int t = 0; t < T; ++t) {
+      const float sc = DP::prompt_score(state, m[t], t, sums);
+      const bool prot = kvtrim::gpu::traits::prompt_protects<DP>(state, m[t], t, newest);
+      keys_sorted.push_back(kvtrim::gpu::prompt_sort_key(prot ? INFINITY : sc, t));
+    }
+    std::sort(keys_sorted.begin(), keys_sorted.end());
     std::vector<char> keep(static_cast<std::size_t>(T), 1);
-    for (int i = 0; i < T - std::min(T, limit); ++i) {
-      REQUIRE_FALSE(kvtrim::gpu::sort_key_protected(keys[i]));
-      keep[kvtrim::gpu::sort_key_token(keys[i])] = 0;
+    for (int i = 0; i < T - std::min(T, prompt_limit); ++i) {
+      REQUIRE_FALSE(kvtrim::gpu::sort_key_protected(keys_sorted[i]));
+      keep[kvtrim::gpu::sort_key_token(keys_sorted[i])] = 0;
     }
     for (int t = 0; t < T; ++t)
-      if (keep[t]) pos.push_back(t), meta.push_back(m[t]);
-  }
-  void decode(std::int64_t p, bool before) {
-    pos.push_back(p);
-    meta.push_back({});
-    newest = std::max(newest, p);
-    DP::on_insert(state, meta.back(), p, key(static_cast<int>(p)), d);
-    (void)before;  // no attention here: eviction before or after it leaves the same set
-    while (static_cast<int>(pos.size()) > limit) {
-      VictimKey best;
-      for (std::size_t i = 0; i < pos.size(); ++i)
-        if (!DP::protects(state, meta[i], pos[i], newest))
-          best = kvtrim::gpu::better_victim(
-              best, VictimKey{DP::score(state, meta[i], pos[i], newest), pos[i], static_cast<int>(i)});
-      REQUIRE(best.slot >= 0);
-      pos[best.slot] = pos.back(), meta[best.slot] = meta.back();
-      pos.pop_back(), meta.pop_back();
+      if (keep[t]) add(t, m[t]);
     }
+  }
+  // Structured eviction: passes of fit_key then fit_slot over every slot, survivors kept, while needs_fit.
+  void fit() {
+    if constexpr (kvtrim::gpu::traits::structured<DP>()) {
+      while (DP::needs_fit(state, static_cast<int>(pos.size()))) {
+        const int n = static_cast<int>(pos.size());
+        std::vector<int> keys(static_cast<std::size_t>(n));
+        for (int i = 0; i < n; ++i) keys[i] = DP::fit_key(state, pos.data(), meta.data(), n, i);
+        std::vector<char> keep(static_cast<std::size_t>(n));
+        std::vector<typename P::SlotMeta> out(static_cast<std::size_t>(n));
+        for (int i = 0; i < n; ++i) keep[i] = DP::fit_slot(state, meta.data(), keys.data(), n, i, out[i]) ? 1 : 0;
+        keep_flagged(keep, out);
+        REQUIRE(static_cast<int>(pos.size()) < n);
+      }
+    }
+  }
+  // kMerges: statistics, the lowest merge_score victim, its most similar absorbing slot (fp32 cosine of the
+  // rows), a weighted merge when the cosine reaches the threshold, then removal (merge_evict_kernel's steps).
+  void merge_evict() {
+    if constexpr (kvtrim::gpu::traits::merges<DP>()) {
+      while (static_cast<int>(pos.size()) > limit) {
+        typename DP::Stats st{};
+        for (const auto& m : meta) st = DP::combine(st, DP::stats_of(m));
+        VictimKey best;
+        for (std::size_t i = 0; i < pos.size(); ++i)
+          if (!DP::protects(state, meta[i], pos[i], newest))
+            best = kvtrim::gpu::better_victim(
+                best, VictimKey{DP::merge_score(state, st, meta[i]), pos[i], static_cast<int>(i)});
+        REQUIRE(best.slot >= 0);
+        const std::size_t v = static_cast<std::size_t>(best.slot);
+        int target = -1;
+        if (DP::may_merge(state, st, meta[v])) {
+          auto norm = [&](const std::vector<float>& x) {
+            float sq = 0.0f;
+            for (float e : x) sq += e * e;
+            return std::sqrt(sq);
+          };
+          float best_cos = 0.0f;
+          for (std::size_t c = 0; c < pos.size(); ++c) {
+            if (c == v || !DP::absorbs(state, meta[c], pos[c])) continue;
+            float dot = 0.0f;
+            for (int e = 0; e < d; ++e) dot += krow[c][e] * krow[v][e];
+            const float cs = kvtrim::ems_cosine_from(dot, norm(krow[c]), norm(krow[v]));
+            if (target < 0 || cs > best_cos || (cs == best_cos && pos[c] < pos[static_cast<std::size_t>(target)]))
+              target = static_cast<int>(c), best_cos = cs;
+          }
+          if (target >= 0 && !(best_cos >= DP::merge_threshold(state))) target = -1;
+        }
+        if (target >= 0) {
+          const std::size_t t = static_cast<std::size_t>(target);
+          const auto mix = kvtrim::ems_mix_weights(DP::merge_weight(state, meta[t]), DP::merge_weight(state, meta[v]));
+          for (int e = 0; e < d; ++e) {
+            if (DP::merges_keys(state)) krow[t][e] = kvtrim::ems_mix(mix, krow[t][e], krow[v][e]);
+            vrow[t][e] = kvtrim::ems_mix(mix, vrow[t][e], vrow[v][e]);
+          }
+          DP::merge_meta(meta[t], meta[v]);
+          ++merges;
+        }
+        remove_at(v);
+      }
+    }
+  }
+  void evict() {
+    if constexpr (kvtrim::gpu::traits::merges<DP>()) {
+      merge_evict();
+    } else if constexpr (kvtrim::gpu::traits::structured<DP>()) {
+      fit();
+    } else {
+      while (static_cast<int>(pos.size()) > limit) {
+        VictimKey best;
+        for (std::size_t i = 0; i < pos.size(); ++i)
+          if (!DP::protects(state, meta[i], pos[i], newest))
+            best = kvtrim::gpu::better_victim(
+                best, VictimKey{DP::score(state, meta[i], pos[i], newest), pos[i], static_cast<int>(i)});
+        REQUIRE(best.slot >= 0);
+        remove_at(static_cast<std::size_t>(best.slot));
+      }
+    }
+  }
+  void decode(std::int64_t p) {
+    add(p, {});
+    newest = std::max(newest, p);
+    insert(meta.back(), p, false, true);
+    if constexpr (P::kTiming == kvtrim::EvictTiming::kBeforeAttention) evict();
+    if constexpr (has(P::kSignals, kvtrim::Signals::kAttention)) {
+      const int n = static_cast<int>(pos.size());
+      std::vector<const float*> keys;
+      for (const auto& row : krow) keys.push_back(row.data());
+      std::vector<float> rows(static_cast<std::size_t>(group) * n);
+      for (int g = 0; g < group; ++g) {
+        const auto pr = probabilities(query(p) + static_cast<std::size_t>(g) * d, keys, d);
+        for (int j = 0; j < n; ++j) rows[static_cast<std::size_t>(g) * n + j] = static_cast<float>(pr[j]);
+      }
+      const kvtrim::AttentionRows r{rows.data(), n, group, n};
+      for (int i = 0; i < n; ++i) DP::on_attention(state, meta[i], i, r);
+    }
+    if constexpr (P::kTiming == kvtrim::EvictTiming::kAfterAttention) evict();
   }
   std::vector<std::int64_t> sorted() const {
     auto p = pos;
@@ -175,14 +381,15 @@ struct EmulatedHead {
   }
 };
 
+// One layer, one KV head with `group` query heads of width d; the emulated device algorithm must keep exactly
+// the CPU backend's positions after the prompt and after every decode step.
 template <class P>
-void check_emulation_matches_cpu(const typename P::Params& params, int budget, int prompt, int total) {
-  kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 1, .n_q_heads = 2, .head_dim = 4, .budget = budget};
+void check_emulation_matches_cpu(const typename P::Params& params, int budget, int prompt, int total,
+                                 int group = 2, int d = 4) {
+  kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 1, .n_q_heads = group, .head_dim = d, .budget = budget};
   kvtrim::KVCache<P> cpu(cfg, params);
   kvtest::Tokens tok(cfg, total, 5);
-  EmulatedHead<P> emu{kvtrim::gpu::DevicePolicy<P>::initial(cpu.policy(0), params, budget),
-                      kvtrim::gpu::DevicePolicy<P>::keep_limit(cpu.policy(0), budget), {}, {}, -1, &tok,
-                      cfg.head_dim};
+  EmulatedHead<P> emu(cpu.policy(0), params, budget, group, d, tok);
   if (prompt > 0) {
     auto Q = kvtest::Tokens::rows(tok.q, 0, prompt), K = kvtest::Tokens::rows(tok.k, 0, prompt),
          V = kvtest::Tokens::rows(tok.v, 0, prompt);
@@ -191,12 +398,14 @@ void check_emulation_matches_cpu(const typename P::Params& params, int budget, i
     emu.prefill(prompt);
     REQUIRE(emu.sorted() == cpu.positions(0, 0));
   }
-  std::vector<float> out(8);
+  const std::uint64_t prompt_merges = cpu.merges();
+  std::vector<float> out(static_cast<std::size_t>(group) * d);
   for (int t = prompt; t < total; ++t) {
     cpu.decode(0, tok.q[t], tok.k[t], tok.v[t], out);
-    emu.decode(t, P::kTiming == kvtrim::EvictTiming::kBeforeAttention);
+    emu.decode(t);
     REQUIRE(emu.sorted() == cpu.positions(0, 0));
   }
+  REQUIRE(static_cast<std::uint64_t>(emu.merges) == cpu.merges() - prompt_merges);
 }
 
 }  // namespace
@@ -218,6 +427,121 @@ TEST_CASE("The device selection algorithm keeps what the CPU backend keeps", "[c
   SECTION("L2Norm, no protection, decode only") { check_emulation_matches_cpu<kvtrim::L2Norm>({}, 10, 0, 80); }
   SECTION("L2Norm, skipped layer (oldest non-sink)") {
     check_emulation_matches_cpu<kvtrim::L2Norm>({.sinks = 3, .skip_layers = {0}}, 12, 30, 90);
+  }
+  SECTION("H2O (accumulated attention, prompt column sums), group 4") {
+    check_emulation_matches_cpu<kvtrim::H2O>({.heavy_ratio = 0.5, .sinks = 2}, 24, 50, 160, 4, 16);
+  }
+  SECTION("TOVA (last prompt row, then each step's attention)") {
+    check_emulation_matches_cpu<kvtrim::TOVA>({.recent = 1}, 20, 45, 140, 2, 16);
+  }
+  SECTION("HashEvict, query probe, recent+global prompt") {
+    check_emulation_matches_cpu<kvtrim::HashEvict>({.bits = 16, .sinks = 3, .recent = 4}, 20, 50, 200, 4, 16);
+  }
+  SECTION("HashEvict, key probe, hashed prompt, 64 bits") {
+    check_emulation_matches_cpu<kvtrim::HashEvict>(
+        {.bits = 64,
+         .sinks = 2,
+         .recent = 3,
+         .probe = kvtrim::HashProbe::kKey,
+         .prompt = kvtrim::HashPromptMode::kHash},
+        18, 60, 180, 2, 32);
+  }
+  SECTION("HashEvict, query probe, hashed prompt, group 8") {
+    check_emulation_matches_cpu<kvtrim::HashEvict>({.bits = 8, .sinks = 0, .recent = 2,
+                                                    .prompt = kvtrim::HashPromptMode::kHash},
+                                                   16, 40, 150, 8, 8);
+  }
+  SECTION("SnapKV (window votes, average pooling), then append only") {
+    check_emulation_matches_cpu<kvtrim::SnapKV<>>({.window = 6, .kernel = 5}, 40, 90, 90, 4, 16);
+  }
+  SECTION("SnapKV with max pooling and capacity below the budget, then H2O") {
+    check_emulation_matches_cpu<kvtrim::SnapKV<kvtrim::H2O>>(
+        {.window = 4, .kernel = 3, .pooling = kvtrim::SnapPooling::kMax, .capacity = 20, .decode = {.sinks = 1}}, 28,
+        70, 160, 2, 16);
+  }
+  SECTION("SnapKV then TOVA, group reduced by max, prompt shorter than the capacity") {
+    check_emulation_matches_cpu<kvtrim::SnapKV<kvtrim::TOVA>>(
+        {.window = 5, .group_reduce = kvtrim::GroupReduce::kMax, .decode = {.recent = 1}}, 30, 20, 120, 2, 16);
+  }
+  SECTION("BUZZ, accumulated attention, budget-derived window and threshold, long prompt") {
+    check_emulation_matches_cpu<kvtrim::Buzz<>>({.sinks = 2, .window = 0, .threshold = 0}, 40, 150, 600, 2, 16);
+  }
+  SECTION("BUZZ, accumulated attention (max over the group), newest survives ties, thin stride 2") {
+    check_emulation_matches_cpu<kvtrim::Buzz<>>({.sinks = 3,
+                                                 .window = 6,
+                                                 .threshold = 14,
+                                                 .chunk = 3,
+                                                 .thin_stride = 2,
+                                                 .keep_oldest_on_tie = false,
+                                                 .scorer = {.reduce = kvtrim::GroupReduce::kMax}},
+                                                24, 30, 500, 4, 16);
+  }
+  SECTION("BUZZ with the hash scorer (integer scores: many ties), both tie rules") {
+    for (bool oldest : {true, false})
+      check_emulation_matches_cpu<kvtrim::Buzz<kvtrim::HashScorer>>(
+          {.sinks = 4, .window = 0, .threshold = 0, .keep_oldest_on_tie = oldest, .scorer = {.bits = 8}}, 32, 100,
+          500, 2, 16);
+  }
+  SECTION("EMS, decode merges into the most similar key (low threshold), prompt on the host") {
+    check_emulation_matches_cpu<kvtrim::Ems>({.sinks = 2, .recent = 3, .local_window = 8, .merge_similarity = 0.2f},
+                                             24, 60, 220, 2, 16);
+  }
+  SECTION("EMS, every victim merges (threshold -1), count weights, values only, merges into sinks") {
+    check_emulation_matches_cpu<kvtrim::Ems>({.sinks = 3,
+                                              .recent = 2,
+                                              .combine = kvtrim::EmsCombine::kMean,
+                                              .merge_similarity = -1.0f,
+                                              .merge_keys = false,
+                                              .merge_weight = kvtrim::EmsMergeWeight::kCount,
+                                              .merge_into_sinks = true},
+                                             20, 40, 200, 4, 8);
+  }
+  SECTION("EMS with head-wise adaptation (coverage 0.5: a smaller decode target), evict below 0.3") {
+    check_emulation_matches_cpu<kvtrim::Ems>(
+        {.sinks = 2, .recent = 2, .merge_similarity = 0.1f, .evict_below = 0.3f, .coverage = 0.5f, .min_keep = 0.4f},
+        30, 80, 220, 2, 16);
+  }
+  SECTION("SnapKV then HashEvict (codes through the wrapper)") {
+    check_emulation_matches_cpu<kvtrim::SnapKV<kvtrim::HashEvict>>(
+        {.window = 4, .decode = {.bits = 16, .sinks = 2, .recent = 3}}, 24, 60, 150, 2, 16);
+  }
+}
+
+TEST_CASE("Every policy of the library has a device implementation", "[cuda]") {
+  using kvtrim::gpu::DevicePolicy;
+  STATIC_REQUIRE(DevicePolicy<kvtrim::FullCache>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::StreamingLLM>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::H2O>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::TOVA>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::L2Norm>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::HashEvict>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::SnapKV<>>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::SnapKV<kvtrim::H2O>>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::Buzz<>>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::Buzz<kvtrim::HashScorer>>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::Ems>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::EigenAttention<>>::kDefined);
+  STATIC_REQUIRE(DevicePolicy<kvtrim::EigenAttention<kvtrim::Ems>>::kDefined);
+  // the optional parts resolve to the wrapped policy's
+  STATIC_REQUIRE(kvtrim::gpu::traits::merges<DevicePolicy<kvtrim::EigenAttention<kvtrim::Ems>>>());
+  STATIC_REQUIRE(kvtrim::gpu::traits::structured<DevicePolicy<kvtrim::Buzz<>>>());
+  STATIC_REQUIRE(kvtrim::gpu::traits::simhash<DevicePolicy<kvtrim::SnapKV<kvtrim::HashEvict>>>());
+  STATIC_REQUIRE_FALSE(kvtrim::gpu::traits::simhash<DevicePolicy<kvtrim::H2O>>());
+}
+
+TEST_CASE("Device policy limits are refused at construction, as kvtrim::Error", "[cuda][errors]") {
+  const kvtrim::LayerContext ctx{0, 1, 1, 32, 8, {64}};
+  SECTION("HashEvict's query probe holds at most 16 query codes per KV head") {
+    const kvtrim::HashEvict pol({}, ctx);
+    using DP = kvtrim::gpu::DevicePolicy<kvtrim::HashEvict>;
+    REQUIRE_THROWS_WITH(DP::initial(pol, {}, 64, 32), Catch::Matchers::Contains("up to 16 query heads"));
+    REQUIRE_NOTHROW(DP::initial(pol, {.probe = kvtrim::HashProbe::kKey}, 64, 32));
+  }
+  SECTION("SnapKV over a decode policy that keeps fewer prompt tokens than SnapKV's capacity") {
+    const kvtrim::SnapKV<kvtrim::StreamingLLM>::Params p{.window = 4, .decode = {.sinks = 2, .window = 10}};
+    const kvtrim::SnapKV<kvtrim::StreamingLLM> pol(p, ctx);
+    using DP = kvtrim::gpu::DevicePolicy<kvtrim::SnapKV<kvtrim::StreamingLLM>>;
+    REQUIRE_THROWS_WITH(DP::initial(pol, p, 64, 1), Catch::Matchers::Contains("fewer than SnapKV's capacity 64"));
   }
 }
 

@@ -64,16 +64,25 @@ KVTRIM_HOST_DEVICE inline int hamming(std::uint64_t a, std::uint64_t b) {
 #endif
 }
 
-// Packed sign code of x (dim floats) under a `bits x dim` row-major projection: bit j = [x · row_j >= 0].
-// The dot product accumulates in float, in index order.
+// One bit of a code: [x · row >= 0], the dot product accumulated in float, in index order, each product
+// rounded before it is added (no fused multiply-add on the device either), so a GPU thread computing one bit
+// gets the host's bit exactly.
+KVTRIM_HOST_DEVICE inline bool simhash_bit(const float* row, int dim, const float* x) {
+  float dot = 0.0f;
+#if defined(__CUDA_ARCH__)
+  for (int c = 0; c < dim; ++c) dot = __fadd_rn(dot, __fmul_rn(row[c], x[c]));
+#else
+  for (int c = 0; c < dim; ++c) dot += row[c] * x[c];
+#endif
+  return dot >= 0.0f;
+}
+
+// Packed sign code of x (dim floats) under a `bits x dim` row-major projection: bit j = simhash_bit(row j).
 KVTRIM_HOST_DEVICE inline std::uint64_t simhash_code(const float* proj, int dim, int bits, const float* x) {
   std::uint64_t code = 0;
-  for (int j = 0; j < bits; ++j) {
-    const float* row = proj + static_cast<std::size_t>(j) * static_cast<std::size_t>(dim);
-    float dot = 0.0f;
-    for (int c = 0; c < dim; ++c) dot += row[c] * x[c];
-    if (dot >= 0.0f) code |= std::uint64_t{1} << j;
-  }
+  for (int j = 0; j < bits; ++j)
+    if (simhash_bit(proj + static_cast<std::size_t>(j) * static_cast<std::size_t>(dim), dim, x))
+      code |= std::uint64_t{1} << j;
   return code;
 }
 

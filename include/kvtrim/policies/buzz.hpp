@@ -74,6 +74,7 @@
 
 #include "../policy.hpp"
 #include "../simhash.hpp"
+#include "streaming_llm.hpp"
 
 namespace kvtrim {
 
@@ -160,13 +161,18 @@ struct HashScorer {
                  kSimHashMaxBits, ", got ", p.bits);
   }
 
+  const Params& params() const { return p_; }
+  // This layer's projection for keys of width `dim`.
+  SimHashProjection projection(int dim) const {
+    return SimHashProjection(dim, p_.bits, simhash_stream_seed(p_.seed, static_cast<std::uint64_t>(layer_)));
+  }
+
   // Codes the new key and the current queries (the probe). Runs for every prompt token too, so after
   // prefill the probe is the last prompt token's query.
   template <class Slots>
   void on_insert(HeadState& s, Slots& slots, const StepContext& step) const {
     if (s.proj.empty() || s.proj.dim() != slots.key_dim()) {  // first token of this head: warm-up
-      s.proj = SimHashProjection(slots.key_dim(), p_.bits,
-                                 simhash_stream_seed(p_.seed, static_cast<std::uint64_t>(layer_)));
+      s.proj = projection(slots.key_dim());
       s.query.assign(static_cast<std::size_t>(step.group), 0);
     }
     slots.meta(step.slot).code = s.proj.code(slots.key_ptr(step.slot));
@@ -262,12 +268,10 @@ class Buzz {
   // Most tokens a head with budget b keeps.
   int capacity(int b) const { return p_.sinks + window_of(b) + threshold_of(b); }
   const Params& params() const { return p_; }
+  const Scorer& scorer() const { return scorer_; }
 
   void on_insert(HeadState& s, HeadOf<Buzz>& h, const StepContext& step) {
-    if (s.sinks_seen < p_.sinks) {
-      h.meta(step.slot).sink = true;
-      ++s.sinks_seen;
-    }
+    streaming_mark_sink(s.sinks_seen, p_.sinks, h.meta(step.slot).sink);
     ScorerSlots<HeadOf<Buzz>> slots{h};
     scorer_.on_insert(s.scorer, slots, step);
   }

@@ -121,14 +121,37 @@ KVTRIM_HOST_DEVICE inline float ems_cosine(const float* a, const float* b, int d
   return ems_cosine_from(ab, std::sqrt(aa), std::sqrt(bb));
 }
 
+// The two merge coefficients a = w_dst / (w_dst + w_src), b = w_src / (w_dst + w_src); equal weights when the
+// sum is not positive.
+struct EmsMix {
+  float a = 0.5f, b = 0.5f;
+};
+KVTRIM_HOST_DEVICE inline EmsMix ems_mix_weights(float w_dst, float w_src) {
+  EmsMix m;
+  if (w_dst + w_src > 0.0f) {
+    m.a = w_dst / (w_dst + w_src);
+    m.b = w_src / (w_dst + w_src);
+  }
+  return m;
+}
+// a x + b y, each product rounded before the sum (no fused multiply-add on the device either).
+KVTRIM_HOST_DEVICE inline float ems_mix(const EmsMix& m, float x, float y) {
+#if defined(__CUDA_ARCH__)
+  return __fadd_rn(__fmul_rn(m.a, x), __fmul_rn(m.b, y));
+#else
+  return m.a * x + m.b * y;
+#endif
+}
+
 // dst ← (w_dst dst + w_src src) / (w_dst + w_src), equal weights when the sum is not positive.
 KVTRIM_HOST_DEVICE inline void ems_merge_row(float* dst, const float* src, int d, float w_dst, float w_src) {
-  float a = 0.5f, b = 0.5f;
-  if (w_dst + w_src > 0.0f) {
-    a = w_dst / (w_dst + w_src);
-    b = w_src / (w_dst + w_src);
-  }
-  for (int i = 0; i < d; ++i) dst[i] = a * dst[i] + b * src[i];
+  const EmsMix m = ems_mix_weights(w_dst, w_src);
+  for (int i = 0; i < d; ++i) dst[i] = ems_mix(m, dst[i], src[i]);
+}
+
+// The weight of a token in a merge.
+KVTRIM_HOST_DEVICE inline float ems_merge_weight(const EmsTokenState& s, EmsMergeWeight how) {
+  return how == EmsMergeWeight::kMass ? s.mass : static_cast<float>(s.count);
 }
 
 // Folds token src's bookkeeping into dst (after the rows were merged with the weights taken before this).
@@ -325,8 +348,7 @@ struct Ems {
       if (c < 0) continue;
       EmsTokenState& mc = h.meta(c);
       const EmsTokenState& mj = h.meta(j);
-      const float wc = p_.merge_weight == EmsMergeWeight::kMass ? mc.mass : static_cast<float>(mc.count);
-      const float wj = p_.merge_weight == EmsMergeWeight::kMass ? mj.mass : static_cast<float>(mj.count);
+      const float wc = ems_merge_weight(mc, p_.merge_weight), wj = ems_merge_weight(mj, p_.merge_weight);
       if (p_.merge_keys) ems_merge_row(h.key_ptr(c), h.key_ptr(j), d, wc, wj);
       ems_merge_row(h.value_ptr(c), h.value_ptr(j), h.value_dim(), wc, wj);
       ems_merge_state(mc, mj);

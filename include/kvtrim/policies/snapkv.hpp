@@ -65,6 +65,18 @@ KVTRIM_HOST_DEVICE inline float snapkv_pool_at(const float* votes, int n, int j,
   return how == SnapPooling::kAvg ? acc / static_cast<float>(kernel) : acc;
 }
 
+// Score of earlier prompt token j (of n = T - window): each query head's window votes (row g of `votes`,
+// entries 0..n-1) pooled around j, then reduced over the group (AttentionRows::reduce's order).
+KVTRIM_HOST_DEVICE inline float snapkv_score_at(const AttentionRows& votes, int n, int j, int kernel,
+                                                SnapPooling how, GroupReduce reduce) {
+  float acc = snapkv_pool_at(votes.p, n, j, kernel, how);
+  for (int g = 1; g < votes.group; ++g) {
+    const float x = snapkv_pool_at(votes.p + static_cast<std::ptrdiff_t>(g) * votes.stride, n, j, kernel, how);
+    acc = reduce == GroupReduce::kMax ? (x > acc ? x : acc) : acc + x;
+  }
+  return reduce == GroupReduce::kMean ? acc / static_cast<float>(votes.group) : acc;
+}
+
 namespace detail {
 template <class Decode>
 struct SnapKVName {
@@ -192,9 +204,8 @@ struct SnapKV {
   void score_prefix(HeadState& s, const HeadOf<SnapKV>& h, int g) {
     const int T = h.size(), w = p_.window, P = T - w, dk = h.key_dim();
     const auto keys = h.keys();  // slot j = prompt token j
-    s.votes.assign(static_cast<std::size_t>(g) * P * 2, 0.0f);
+    s.votes.assign(static_cast<std::size_t>(g) * P, 0.0f);
     float* votes = s.votes.data();
-    float* pooled = s.votes.data() + static_cast<std::size_t>(g) * P;
     Eigen::VectorXf logits(T);
     for (int r = 0; r < w; ++r) {
       const int t = P + r;  // query of prompt token t sees keys 0..t
@@ -210,13 +221,9 @@ struct SnapKV {
         for (int j = 0; j < P; ++j) v[j] += l[j] / z;
       }
     }
-    for (int gi = 0; gi < g; ++gi)
-      for (int j = 0; j < P; ++j)
-        pooled[static_cast<std::size_t>(gi) * P + j] =
-            snapkv_pool_at(votes + static_cast<std::size_t>(gi) * P, P, j, p_.kernel, p_.pooling);
     s.scores.resize(static_cast<std::size_t>(P));
-    const AttentionRows rows{pooled, P, g, P};
-    for (int j = 0; j < P; ++j) s.scores[j] = rows.reduce(j, p_.group_reduce);
+    const AttentionRows rows{votes, P, g, P};
+    for (int j = 0; j < P; ++j) s.scores[j] = snapkv_score_at(rows, P, j, p_.kernel, p_.pooling, p_.group_reduce);
   }
 
   // Keeps the top (cap - window) earlier tokens by score (newest on ties) plus the window.

@@ -18,7 +18,15 @@
 //    false (the caller's promise that they are finite). Kernel-side failures (a head with no free slot, every
 //    token protected) are then reported by the next synchronize() or introspection call.
 // Requirements (checked at construction, kvtrim::Error otherwise): a CUDA device, head_dim a multiple of 4 and
-// at most 256, a policy with a DevicePolicy specialisation, no low-rank (projected) storage.
+// at most 256, a policy with a DevicePolicy specialisation (a compile-time error otherwise); HashEvict's query
+// probe and BUZZ's hash scorer take at most 16 query heads per KV head; SnapKV<D> needs D to keep at least
+// SnapKV's capacity after a prompt; SimHash policies cannot sit under EigenAttention (compile-time error).
+//
+// Where the work runs: decode is kernels only (append, eviction or merge or BUZZ's structured fit, attention,
+// the policy's attention hook), plus cuBLAS GEMMs for EigenAttention's projections. Prefill runs the causal
+// attention with cuBLAS and the selection on the device, except for EMS, whose prompt stage (a batch
+// evict-then-merge and the head-wise target) runs the CPU policy's own code on a host copy of the prompt once
+// per prefill (DevicePolicy::kHostPrompt), so the decode path never reads anything back.
 #pragma once
 
 // Eigen serves only the host side of kvtrim; under nvcc its device annotations would be compiled (and warn)
@@ -135,20 +143,35 @@ class CudaBackend<T>::Impl {
   using Head = gpu::DevHead<T, Meta, State>;
   static_assert(std::is_trivially_copyable_v<State>, "DevicePolicy<P>::State must be trivially copyable");
   static constexpr bool kProbs = has(P::kSignals, Signals::kAttention);
+  static constexpr bool kHash = gpu::traits::simhash<DP>();
+  static constexpr bool kStructured = gpu::traits::structured<DP>();
+  static constexpr bool kMerges = gpu::traits::merges<DP>();
+  static constexpr bool kHostPrompt = gpu::traits::host_prompt<DP>();
   static constexpr bool kNeverEvicts = requires { P::kNeverEvicts; };
   static constexpr bool kProjects = requires(const P& p) { p.key_width(0); };
-  static_assert(!kProjects, "kvtrim::CudaBackend: low-rank (projected) storage is not supported on the GPU yet");
+  static_assert(!(kProjects && kHash), "kvtrim::CudaBackend: SimHash codes of low-rank (projected) keys are not "
+                "supported (the projection is drawn at head_dim); use the policy without EigenAttention");
 
  private:
   // Everything the head views point at lives here, on the heap, so Impl (and KVCache) can move.
   struct Store {
-    int L = 0, H = 0, Hq = 0, g = 0, d = 0;
-    int max_cap = 0, max_splits = 0;
+    int L = 0, H = 0, Hq = 0, g = 0, d = 0;  // d: head_dim (inputs and outputs)
+    int max_cap = 0, max_splits = 0, max_width = 0;
     std::vector<int> splits;  // per layer
+    // Stored width of the keys and values of each layer: head_dim, or for low-rank storage (kProjects) the
+    // layer's largest key or value rank rounded up to a multiple of 4, the bases padded with zero columns (zero
+    // coordinates change no dot product), so one decode kernel serves keys and values of one width.
+    std::vector<int> width;
+    gpu::DeviceBuffer low;    // kProjects: projected q, k, v and the output before unprojection
+    gpu::DeviceBuffer bases;  // kProjects: per layer [2 x H x d x width] column-major: key bases, value bases
+    std::vector<std::size_t> basis_at;  // per layer, offset into bases (floats)
     cudaStream_t stream = nullptr;
     bool own_stream = false;
     cublasHandle_t blas = nullptr;
     gpu::DeviceBuffer slab, heads, io, part_ml, part_o, logits, stats, error;
+    gpu::DeviceBuffer proj, codes;  // kHash: per-layer projections [L x bits x d]; step codes [Hq + H]
+    gpu::DeviceBuffer fit_ints, fit_meta;  // kStructured: fit_kernel scratch [H x 4 x max_cap], [H x max_cap]
+    int bits = 0;
     std::vector<Head> initial;  // records of empty heads (for reset)
     // host mirror of the device records, refreshed on demand
     mutable std::vector<Head> mirror;
@@ -164,7 +187,18 @@ class CudaBackend<T>::Impl {
     float* k_in() const { return q_in() + static_cast<std::size_t>(Hq) * d; }
     float* v_in() const { return k_in() + static_cast<std::size_t>(H) * d; }
     float* out() const { return v_in() + static_cast<std::size_t>(H) * d; }
+    float* q_low() const { return low.as<float>(); }
+    float* k_low() const { return q_low() + static_cast<std::size_t>(Hq) * max_width; }
+    float* v_low() const { return k_low() + static_cast<std::size_t>(H) * max_width; }
+    float* o_low() const { return v_low() + static_cast<std::size_t>(H) * max_width; }
+    const float* key_basis(int layer) const { return bases.as<float>() + basis_at[static_cast<std::size_t>(layer)]; }
+    const float* value_basis(int layer) const {
+      return key_basis(layer) + static_cast<std::size_t>(H) * d * width[static_cast<std::size_t>(layer)];
+    }
     Head* layer_heads(int layer) const { return heads.as<Head>() + static_cast<std::size_t>(layer) * H; }
+    const float* layer_proj(int layer) const {
+      return proj.as<float>() + static_cast<std::size_t>(layer) * bits * d;
+    }
 
     void invalidate(int layer) {
       mirror_valid = false;
@@ -176,7 +210,8 @@ class CudaBackend<T>::Impl {
       int code = 0;
       KVTRIM_CUDA_CHECK(cudaMemcpy(&code, error.as<int>(), sizeof(int), cudaMemcpyDeviceToHost));
       if (code == 0) return;
-      KVTRIM_CUDA_CHECK(cudaMemset(error.as<int>(), 0, sizeof(int)));
+      KVTRIM_CUDA_CHECK(cudaMemsetAsync(error.as<int>(), 0, sizeof(int), stream));
+      KVTRIM_CUDA_CHECK(cudaStreamSynchronize(stream));
       mirror_valid = false;
       std::fill(pos_valid.begin(), pos_valid.end(), 0);
       KVTRIM_CHECK(code != gpu::kErrHeadFull, "CudaBackend<", P::kName,
@@ -185,6 +220,8 @@ class CudaBackend<T>::Impl {
       KVTRIM_CHECK(code != gpu::kErrAllProtected, P::kName,
                    ": every remaining token is protected but a head is over its limit (CudaBackend; the cache "
                    "state is no longer reliable; call reset())");
+      KVTRIM_CHECK(code != gpu::kErrNoProgress, "internal: ", P::kName,
+                   " structured eviction kept every token of a head that must shrink (CudaBackend; call reset())");
       detail::throw_error("CudaBackend: unknown device error code ", code);
     }
     const Head& record(std::size_t i) const {
@@ -221,19 +258,20 @@ class CudaBackend<T>::Impl {
     int size() const { return s_->size(i_); }
     int budget() const { return s_->initial[i_].budget; }
     int capacity() const { return s_->initial[i_].cap; }
-    int key_dim() const { return s_->d; }
-    int value_dim() const { return s_->d; }
+    int key_dim() const { return width(); }  // stored width (padded rank under low-rank storage)
+    int value_dim() const { return width(); }
     std::span<const std::int64_t> positions() const { return s_->positions(i_); }
     std::int64_t newest_pos() const { return s_->record(i_).newest; }
     std::uint64_t evictions() const { return s_->record(i_).evictions; }
-    std::uint64_t merges() const { return 0; }
+    std::uint64_t merges() const { return s_->record(i_).merges; }
     std::size_t bytes_per_slot() const {
-      return sizeof(T) * 2 * static_cast<std::size_t>(s_->d) + sizeof(std::int64_t) + sizeof(Meta);
+      return sizeof(T) * 2 * static_cast<std::size_t>(width()) + sizeof(std::int64_t) + sizeof(Meta);
     }
     std::size_t bytes_used() const { return static_cast<std::size_t>(size()) * bytes_per_slot(); }
     std::size_t bytes_reserved() const { return static_cast<std::size_t>(capacity()) * bytes_per_slot(); }
 
    private:
+    int width() const { return s_->width[i_ / static_cast<std::size_t>(s_->H)]; }
     const Store* s_;
     std::size_t i_;
   };
@@ -247,6 +285,7 @@ class CudaBackend<T>::Impl {
     Store& s = *st_;
     s.L = L, s.H = H, s.Hq = cfg.n_q_heads, s.g = g, s.d = d;
     s.splits.resize(static_cast<std::size_t>(L));
+    s.width.resize(static_cast<std::size_t>(L));
     // slab layout per head: keys, values, positions, metadata (each 256-byte aligned)
     auto align = [](std::size_t x) { return (x + 255) / 256 * 256; };
     std::vector<std::size_t> offset;
@@ -255,6 +294,15 @@ class CudaBackend<T>::Impl {
       LayerContext ctx{l, L, H, g, d, {}};
       for (int h = 0; h < H; ++h) ctx.budgets.push_back(cfg.budget_of(l, h));
       policies_.emplace_back(params, ctx);
+      int w = d;
+      if constexpr (kProjects) {
+        int rank = 1;
+        for (int h = 0; h < H; ++h)
+          rank = std::max({rank, policies_.back().key_width(h), policies_.back().value_width(h)});
+        w = (rank + 3) / 4 * 4;  // <= head_dim, itself a multiple of 4
+      }
+      s.width[static_cast<std::size_t>(l)] = w;
+      s.max_width = std::max(s.max_width, w);
       int layer_cap = 0;
       for (int h = 0; h < H; ++h) {
         const int budget = cfg.budget_of(l, h), cap = budget + 1;
@@ -262,11 +310,14 @@ class CudaBackend<T>::Impl {
         r.cap = cap;
         r.budget = budget;
         r.limit = DP::keep_limit(policies_.back(), budget);
-        KVTRIM_CHECK(r.limit >= 1 && r.limit <= budget, "CudaBackend: ", P::kName, " keeps ", r.limit,
-                     " tokens in layer ", l, " KV head ", h, "; expected 1..budget (", budget, ")");
-        r.state = DP::initial(policies_.back(), params, budget);
+        r.prompt_limit = gpu::traits::prompt_limit<DP>(policies_.back(), budget);
+        KVTRIM_CHECK(r.limit >= 1 && r.limit <= budget && r.prompt_limit >= 1 && r.prompt_limit <= budget,
+                     "CudaBackend: ", P::kName, " keeps ", r.limit, " tokens after a decode step and ",
+                     r.prompt_limit, " after a prompt in layer ", l, " KV head ", h, "; expected 1..budget (",
+                     budget, ")");
+        r.state = DP::initial(policies_.back(), params, budget, g);
         offset.push_back(total);
-        total += align(sizeof(T) * static_cast<std::size_t>(cap) * d) * 2 +
+        total += align(sizeof(T) * static_cast<std::size_t>(cap) * w) * 2 +
                  align(sizeof(std::int64_t) * static_cast<std::size_t>(cap)) +
                  align(sizeof(Meta) * static_cast<std::size_t>(cap));
         s.initial.push_back(r);
@@ -280,7 +331,8 @@ class CudaBackend<T>::Impl {
     for (std::size_t i = 0; i < s.initial.size(); ++i) {
       Head& r = s.initial[i];
       auto* base = s.slab.template as<unsigned char>() + offset[i];
-      const std::size_t kv = align(sizeof(T) * static_cast<std::size_t>(r.cap) * d);
+      const int w = s.width[i / static_cast<std::size_t>(H)];
+      const std::size_t kv = align(sizeof(T) * static_cast<std::size_t>(r.cap) * w);
       r.k = reinterpret_cast<T*>(base);
       r.v = reinterpret_cast<T*>(base + kv);
       r.pos = reinterpret_cast<std::int64_t*>(base + 2 * kv);
@@ -294,18 +346,42 @@ class CudaBackend<T>::Impl {
     const std::size_t Hq = static_cast<std::size_t>(s.Hq);
     s.io.allocate(sizeof(float) * (2 * Hq + 2 * static_cast<std::size_t>(H)) * d);
     s.part_ml.allocate(sizeof(float) * Hq * s.max_splits * 2);
-    s.part_o.allocate(sizeof(float) * Hq * s.max_splits * d);
+    s.part_o.allocate(sizeof(float) * Hq * s.max_splits * s.max_width);
+    if constexpr (kProjects) {
+      s.low.allocate(sizeof(float) * (2 * Hq + 2 * static_cast<std::size_t>(H)) * s.max_width);
+      upload_bases();
+    }
     if constexpr (kProbs) {
       s.logits.allocate(sizeof(float) * Hq * s.max_cap);
       s.stats.allocate(sizeof(float) * Hq * 2);
     }
     s.error.allocate(sizeof(int));
+    if constexpr (kHash) {
+      // one projection per layer, as the CPU policy draws it; uploaded once
+      s.bits = DP::projection(policies_.front(), d).bits();
+      std::vector<float> all;
+      for (const P& pol : policies_) {
+        const SimHashProjection pr = DP::projection(pol, d);
+        KVTRIM_CHECK(pr.dim() == d && pr.bits() == s.bits, "CudaBackend: ", P::kName, " projection is ", pr.bits(),
+                     " x ", pr.dim(), "; expected ", s.bits, " x head_dim (", d, ")");
+        all.insert(all.end(), pr.data(), pr.data() + static_cast<std::size_t>(pr.bits()) * pr.dim());
+      }
+      s.proj.allocate(sizeof(float) * all.size());
+      KVTRIM_CUDA_CHECK(
+          cudaMemcpy(s.proj.template as<void>(), all.data(), sizeof(float) * all.size(), cudaMemcpyHostToDevice));
+      KVTRIM_CUDA_CHECK(cudaDeviceSynchronize());  // the copy is complete before any stream reads it
+      s.codes.allocate(sizeof(std::uint64_t) * (Hq + static_cast<std::size_t>(H)));
+    }
+    if constexpr (kStructured) {
+      s.fit_ints.allocate(sizeof(int) * 4 * static_cast<std::size_t>(H) * s.max_cap);
+      s.fit_meta.allocate(sizeof(Meta) * static_cast<std::size_t>(H) * s.max_cap);
+    }
     KVTRIM_CUDA_CHECK(cudaStreamCreateWithFlags(&s.stream, cudaStreamNonBlocking));
     s.own_stream = true;
     KVTRIM_CUBLAS_CHECK(cublasCreate(&s.blas));
     KVTRIM_CUBLAS_CHECK(cublasSetStream(s.blas, s.stream));
     KVTRIM_CUBLAS_CHECK(cublasSetMathMode(s.blas, CUBLAS_DEFAULT_MATH));  // true fp32 GEMMs (no TF32)
-    KVTRIM_CUDA_CHECK((gpu::kernels::prepare_decode_attention<T, Head>(g, d)));
+    for (int w : s.width) KVTRIM_CUDA_CHECK((gpu::kernels::prepare_decode_attention<T, Head>(g, w)));
     for (std::size_t i = 0; i < s.initial.size(); ++i) views_.emplace_back(st_.get(), i);
     upload_initial();
   }
@@ -347,19 +423,36 @@ class CudaBackend<T>::Impl {
       q = s.q_in(), k = s.k_in(), v = s.v_in();
     }
     float* o = dev ? out : s.out();
+    float* o_stored = o;  // the attention output in the stored space
+    const int w = s.width[static_cast<std::size_t>(layer)];
+    if constexpr (kProjects) {  // everything below runs in the low-rank space
+      project(s.key_basis(layer), w, q, s.g, d, s.g * d, 1, s.q_low(), s.g * w, 0);
+      project(s.key_basis(layer), w, k, 1, d, d, 1, s.k_low(), w, 0);
+      project(s.value_basis(layer), w, v, 1, d, d, 1, s.v_low(), w, 0);
+      q = s.q_low(), k = s.k_low(), v = s.v_low();
+      o_stored = s.o_low();
+    }
     Head* heads = s.layer_heads(layer);
     int* err = s.error.template as<int>();
-    gpu::kernels::append_kernel<T, Meta, State, DP><<<H, 128, 0, s.stream>>>(heads, k, v, d, pos, err);
-    if constexpr (P::kTiming == EvictTiming::kBeforeAttention)
-      gpu::kernels::evict_kernel<T, Meta, State, DP><<<H, 256, 0, s.stream>>>(heads, d, err);
-    attend(layer, heads, q, o);
+    const std::uint64_t* q_codes = nullptr;
+    const std::uint64_t* k_codes = nullptr;
+    if constexpr (kHash) {
+      std::uint64_t* c = s.codes.template as<std::uint64_t>();
+      hash(layer, q, s.Hq, c);
+      hash(layer, k, H, c + s.Hq);
+      q_codes = c, k_codes = c + s.Hq;
+    }
+    gpu::kernels::append_kernel<T, Meta, State, DP>
+        <<<H, 128, 0, s.stream>>>(heads, k, v, w, s.g, k_codes, q_codes, pos, err);
+    if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(heads, w);
+    attend(layer, heads, q, o_stored);
+    if constexpr (kProjects) unproject(s.value_basis(layer), w, o_stored, s.g, s.g * w, 1, o, s.g * d, 0);
     if constexpr (kProbs) {
       const dim3 grid(static_cast<unsigned>((s.max_cap + 127) / 128), static_cast<unsigned>(H));
       gpu::kernels::on_attention_kernel<DP, Head>
           <<<grid, 128, 0, s.stream>>>(heads, s.logits.template as<float>(), s.max_cap, s.g);
     }
-    if constexpr (P::kTiming == EvictTiming::kAfterAttention)
-      gpu::kernels::evict_kernel<T, Meta, State, DP><<<H, 256, 0, s.stream>>>(heads, d, err);
+    if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(heads, w);
     KVTRIM_CUDA_CHECK(cudaGetLastError());
     if constexpr (kNeverEvicts)
       for (int h = 0; h < H; ++h) ++s.host_n[index(layer, h)];
@@ -391,17 +484,40 @@ class CudaBackend<T>::Impl {
       Q = base, K = base + qn, V = base + qn + kn;
     }
     float* O = dev ? out : out_buf.as<float>();
+    // from here on rows are w wide: head_dim, or the layer's stored width under low-rank storage
+    const int w = s.width[static_cast<std::size_t>(layer)];
+    float* O_stored = O;
+    gpu::DeviceBuffer low_buf;
+    if constexpr (kProjects) {  // Q and O: [T x Hq x w]; K and V: [T x H x w]
+      low_buf.allocate(sizeof(float) * Tz * (2 * static_cast<std::size_t>(Hq) + 2 * H) * w);
+      float* ql = low_buf.as<float>();
+      float* kl = ql + Tz * Hq * w;
+      float* vl = kl + Tz * H * w;
+      O_stored = vl + Tz * H * w;
+      project(s.key_basis(layer), w, Q, g, d, static_cast<long long>(g) * d, NT, ql, static_cast<long long>(g) * w,
+              static_cast<long long>(Hq) * d, static_cast<long long>(Hq) * w);
+      project(s.key_basis(layer), w, K, 1, d, d, NT, kl, w, static_cast<long long>(H) * d,
+              static_cast<long long>(H) * w);
+      project(s.value_basis(layer), w, V, 1, d, d, NT, vl, w, static_cast<long long>(H) * d,
+              static_cast<long long>(H) * w);
+      Q = ql, K = kl, V = vl;
+    }
     const int window = std::clamp(policy(layer).prompt_window(), 0, NT);
+    const int vote_window = std::clamp(gpu::traits::vote_window<DP>(policy(layer)), 0, NT);
+    const bool need_sums = kProbs || vote_window > 0;
 
     // ---- exact causal attention, one KV head (and its query group) at a time, in blocks of query rows
-    gpu::DeviceBuffer sums;  // col [H x g x NT] then win [H x g x NT]
+    gpu::DeviceBuffer sums;  // col, win, vote: [H x g x NT] each
     float* col = nullptr;
     float* win = nullptr;
-    if constexpr (kProbs) {
-      sums.allocate(sizeof(float) * 2 * static_cast<std::size_t>(H) * g * Tz);
+    float* vote = nullptr;
+    if (need_sums) {
+      const std::size_t one = static_cast<std::size_t>(H) * g * Tz;
+      sums.allocate(sizeof(float) * 3 * one);
       KVTRIM_CUDA_CHECK(cudaMemsetAsync(sums.as<float>(), 0, sums.bytes(), s.stream));
       col = sums.as<float>();
-      win = col + static_cast<std::size_t>(H) * g * Tz;
+      win = col + one;
+      vote = win + one;
     }
     constexpr std::size_t kScoreBytes = std::size_t{256} << 20;  // bound on the score block
     const int B = static_cast<int>(std::clamp<std::size_t>(kScoreBytes / (sizeof(float) * g * Tz), 1, 1024));
@@ -411,62 +527,71 @@ class CudaBackend<T>::Impl {
     for (int kv = 0; kv < H; ++kv) {
       for (int t0 = 0; t0 < NT; t0 += rows) {
         const int b = std::min(rows, NT - t0), width = t0 + b;
-        // S^NT (col-major width x b) = K_kv (width x d) * Q^NT; the g query heads of the group share K (stride 0)
+        // S^NT (col-major width x b) = K_kv (width x w) * Q^NT; the g query heads of the group share K (stride 0)
         KVTRIM_CUBLAS_CHECK(cublasSgemmStridedBatched(
-            s.blas, CUBLAS_OP_T, CUBLAS_OP_N, width, b, d, &scale, K + static_cast<std::size_t>(kv) * d, H * d, 0,
-            Q + (static_cast<std::size_t>(t0) * Hq + static_cast<std::size_t>(kv) * g) * d, Hq * d, d, &zero,
+            s.blas, CUBLAS_OP_T, CUBLAS_OP_N, width, b, w, &scale, K + static_cast<std::size_t>(kv) * w, H * w, 0,
+            Q + (static_cast<std::size_t>(t0) * Hq + static_cast<std::size_t>(kv) * g) * w, Hq * w, w, &zero,
             S.as<float>(), width, static_cast<long long>(b) * width, g));
         const dim3 grid(static_cast<unsigned>(b), static_cast<unsigned>(g));
-        float* c = kProbs ? col + static_cast<std::size_t>(kv) * g * Tz : nullptr;
-        float* w = kProbs ? win + static_cast<std::size_t>(kv) * g * Tz : nullptr;
-        gpu::kernels::prompt_softmax_kernel<kProbs>
-            <<<grid, 256, 0, s.stream>>>(S.as<float>(), b, width, t0, NT, window, c, w);
+        const std::size_t at = static_cast<std::size_t>(kv) * g * Tz;
+        if (need_sums)
+          gpu::kernels::prompt_softmax_kernel<true><<<grid, 256, 0, s.stream>>>(
+              S.as<float>(), b, width, t0, NT, window, col + at, win + at, vote_window, vote + at);
+        else
+          gpu::kernels::prompt_softmax_kernel<false>
+              <<<grid, 256, 0, s.stream>>>(S.as<float>(), b, width, t0, NT, 0, nullptr, nullptr, 0, nullptr);
         KVTRIM_CUDA_CHECK(cudaGetLastError());
-        // O^NT (col-major d x b, ld Hq*d) = V_kv^NT (d x width) * P^NT (width x b)
+        // O^NT (col-major w x b, ld Hq*w) = V_kv^NT (w x width) * P^NT (width x b)
         KVTRIM_CUBLAS_CHECK(cublasSgemmStridedBatched(
-            s.blas, CUBLAS_OP_N, CUBLAS_OP_N, d, b, width, &one, V + static_cast<std::size_t>(kv) * d, H * d, 0,
+            s.blas, CUBLAS_OP_N, CUBLAS_OP_N, w, b, width, &one, V + static_cast<std::size_t>(kv) * w, H * w, 0,
             S.as<float>(), width, static_cast<long long>(b) * width, &zero,
-            O + (static_cast<std::size_t>(t0) * Hq + static_cast<std::size_t>(kv) * g) * d, Hq * d, d, g));
+            O_stored + (static_cast<std::size_t>(t0) * Hq + static_cast<std::size_t>(kv) * g) * w, Hq * w, w, g));
       }
     }
+    if constexpr (kProjects)
+      unproject(s.value_basis(layer), w, O_stored, g, static_cast<long long>(g) * w, NT, O,
+                static_cast<long long>(g) * d, static_cast<long long>(Hq) * w, static_cast<long long>(Hq) * d);
 
-    // ---- the policy's selection: metadata and scores per prompt token, stable sort, keep marks, store
-    Head* heads = s.layer_heads(layer);
-    int* err = s.error.template as<int>();
-    const std::size_t HT = static_cast<std::size_t>(H) * Tz;
-    gpu::DeviceBuffer meta_tmp(sizeof(Meta) * HT), keys(sizeof(std::uint64_t) * 2 * HT), keep(HT),
-        offsets(sizeof(int) * (static_cast<std::size_t>(H) + 1));
-    std::uint64_t* keys_in = keys.as<std::uint64_t>();
-    std::uint64_t* keys_out = keys_in + HT;
-    gpu::kernels::prompt_meta_kernel<DP, Head, Meta><<<H, 256, 0, s.stream>>>(
-        heads, meta_tmp.as<Meta>(), keys_in, K, H, d, NT, first_pos, col, window > 0 ? win : nullptr, g);
-    KVTRIM_CUDA_CHECK(cudaGetLastError());
-    bool select = false;
-    for (int h = 0; h < H; ++h) select = select || NT > s.initial[index(layer, h)].limit;
-    if (select) {
-      std::vector<int> off(static_cast<std::size_t>(H) + 1);
-      for (int h = 0; h <= H; ++h) off[static_cast<std::size_t>(h)] = h * NT;
-      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(offsets.as<int>(), off.data(), sizeof(int) * off.size(),
-                                        cudaMemcpyHostToDevice, s.stream));
-      std::size_t temp_bytes = 0;
-      KVTRIM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, temp_bytes, keys_in, keys_out,
-                                                                static_cast<int>(HT), H, offsets.as<int>(),
-                                                                offsets.as<int>() + 1, 0, 64, s.stream));
-      gpu::DeviceBuffer temp(std::max<std::size_t>(temp_bytes, 1));
-      KVTRIM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(temp.as<void>(), temp_bytes, keys_in, keys_out,
-                                                                static_cast<int>(HT), H, offsets.as<int>(),
-                                                                offsets.as<int>() + 1, 0, 64, s.stream));
-      const dim3 grid(static_cast<unsigned>((NT + 255) / 256), static_cast<unsigned>(H));
-      gpu::kernels::prompt_mark_kernel<Head>
-          <<<grid, 256, 0, s.stream>>>(heads, keys_out, keep.as<unsigned char>(), NT, err);
-      KVTRIM_CUDA_CHECK(cudaGetLastError());
-      KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));  // temp is freed when this scope ends
+    if constexpr (kHostPrompt) {
+      host_prompt(layer, Q, K, V, NT, first_pos, col, window > 0 ? win : nullptr, window);
     } else {
-      KVTRIM_CUDA_CHECK(cudaMemsetAsync(keep.as<unsigned char>(), 1, HT, s.stream));
+      // ---- the policy's selection: metadata and scores per prompt token, stable sort, keep marks, store
+      Head* heads = s.layer_heads(layer);
+      int* err = s.error.template as<int>();
+      const std::size_t HT = static_cast<std::size_t>(H) * Tz;
+      gpu::DeviceBuffer meta_tmp(sizeof(Meta) * HT), keys(sizeof(std::uint64_t) * 2 * HT), keep(HT),
+          offsets(sizeof(int) * (static_cast<std::size_t>(H) + 1));
+      std::uint64_t* keys_in = keys.as<std::uint64_t>();
+      std::uint64_t* keys_out = keys_in + HT;
+      gpu::DeviceBuffer prompt_codes;  // kHash: [T x H] key codes, then the last token's [Hq] query codes
+      const std::uint64_t* k_codes = nullptr;
+      const std::uint64_t* q_codes = nullptr;
+      if constexpr (kHash) {
+        prompt_codes.allocate(sizeof(std::uint64_t) * (Tz * H + static_cast<std::size_t>(Hq)));
+        std::uint64_t* c = prompt_codes.as<std::uint64_t>();
+        hash(layer, K, NT * H, c);
+        hash(layer, Q + (Tz - 1) * Hq * w, Hq, c + Tz * H);
+        k_codes = c, q_codes = c + Tz * H;
+      }
+      gpu::kernels::prompt_meta_kernel<DP, Head, Meta><<<H, 256, 0, s.stream>>>(
+          heads, meta_tmp.as<Meta>(), keys_in, K, H, w, NT, first_pos, kProbs ? col : nullptr,
+          kProbs && window > 0 ? win : nullptr, vote_window > 0 ? vote : nullptr, g, k_codes, q_codes);
+      KVTRIM_CUDA_CHECK(cudaGetLastError());
+      if constexpr (kStructured) {
+        gpu::DeviceBuffer fit_ints(sizeof(int) * 6 * HT), fit_meta(sizeof(Meta) * 3 * HT),
+            fit_pos(sizeof(std::int64_t) * 2 * HT);
+        gpu::kernels::prompt_fit_kernel<DP, Head, Meta><<<H, gpu::kernels::kFitThreads, 0, s.stream>>>(
+            heads, meta_tmp.as<Meta>(), keep.as<unsigned char>(), NT, first_pos, fit_ints.as<int>(),
+            fit_meta.as<Meta>(), fit_pos.as<std::int64_t>(), err);
+        KVTRIM_CUDA_CHECK(cudaGetLastError());
+        KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));  // the scratch is freed when this scope ends
+      } else {
+        select_prompt(layer, NT, keys_in, keys_out, offsets.as<int>(), keep.as<unsigned char>());
+      }
+      gpu::kernels::prompt_store_kernel<T, Head, Meta><<<H, gpu::kernels::kStoreThreads, 0, s.stream>>>(
+          heads, K, V, H, w, NT, first_pos, keep.as<unsigned char>(), meta_tmp.as<Meta>(), err);
+      KVTRIM_CUDA_CHECK(cudaGetLastError());
     }
-    gpu::kernels::prompt_store_kernel<T, Head, Meta><<<H, gpu::kernels::kStoreThreads, 0, s.stream>>>(
-        heads, K, V, H, d, NT, first_pos, keep.as<unsigned char>(), meta_tmp.as<Meta>(), err);
-    KVTRIM_CUDA_CHECK(cudaGetLastError());
     if constexpr (kNeverEvicts)
       for (int h = 0; h < H; ++h) s.host_n[index(layer, h)] += NT;
     s.invalidate(layer);
@@ -492,8 +617,8 @@ class CudaBackend<T>::Impl {
     gpu::kernels::DecodeArgs a;
     a.q = q;
     a.group = s.g;
-    a.d = s.d;
-    a.scale = 1.0f / std::sqrt(static_cast<float>(s.d));
+    a.d = s.width[static_cast<std::size_t>(layer)];
+    a.scale = 1.0f / std::sqrt(static_cast<float>(s.d));  // head_dim's scale, also in the low-rank space
     a.n_splits = s.splits[static_cast<std::size_t>(layer)];
     a.part_ml = s.part_ml.template as<float>();
     a.part_o = s.part_o.template as<float>();
@@ -502,11 +627,182 @@ class CudaBackend<T>::Impl {
     gpu::kernels::launch_decode_attention<T, Head>(heads, s.H, a, out, s.stats.template as<float>(), s.stream);
   }
 
+  // Keep marks of a prompt by the policy's sort keys: the lowest T - prompt_limit of each head are dropped.
+  void select_prompt(int layer, int NT, const std::uint64_t* keys_in, std::uint64_t* keys_out, int* offsets,
+                     unsigned char* keep) {
+    Store& s = *st_;
+    const int H = s.H;
+    const std::size_t HT = static_cast<std::size_t>(H) * NT;
+    bool select = false;
+    for (int h = 0; h < H; ++h) select = select || NT > s.initial[index(layer, h)].prompt_limit;
+    if (!select) {
+      KVTRIM_CUDA_CHECK(cudaMemsetAsync(keep, 1, HT, s.stream));
+      return;
+    }
+    std::vector<int> off(static_cast<std::size_t>(H) + 1);
+    for (int h = 0; h <= H; ++h) off[static_cast<std::size_t>(h)] = h * NT;
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(offsets, off.data(), sizeof(int) * off.size(), cudaMemcpyHostToDevice, s.stream));
+    std::size_t temp_bytes = 0;
+    KVTRIM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(nullptr, temp_bytes, keys_in, keys_out,
+                                                              static_cast<int>(HT), H, offsets, offsets + 1, 0, 64,
+                                                              s.stream));
+    gpu::DeviceBuffer temp(std::max<std::size_t>(temp_bytes, 1));
+    KVTRIM_CUDA_CHECK(cub::DeviceSegmentedRadixSort::SortKeys(temp.as<void>(), temp_bytes, keys_in, keys_out,
+                                                              static_cast<int>(HT), H, offsets, offsets + 1, 0, 64,
+                                                              s.stream));
+    const dim3 grid(static_cast<unsigned>((NT + 255) / 256), static_cast<unsigned>(H));
+    gpu::kernels::prompt_mark_kernel<Head>
+        <<<grid, 256, 0, s.stream>>>(s.layer_heads(layer), keys_out, keep, NT, s.error.template as<int>());
+    KVTRIM_CUDA_CHECK(cudaGetLastError());
+    KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));  // off and temp are freed when this function returns
+  }
+
+  // One decode step's eviction: one victim at a time (arg-min, or with merges), or the policy's structured fit.
+  void evict(Head* heads, int w) {
+    Store& s = *st_;
+    int* err = s.error.template as<int>();
+    if constexpr (kMerges)
+      gpu::kernels::merge_evict_kernel<T, Meta, State, DP>
+          <<<s.H, gpu::kernels::kMergeThreads, 0, s.stream>>>(heads, w, err);
+    else if constexpr (kStructured)
+      gpu::kernels::fit_kernel<T, Meta, State, DP><<<s.H, gpu::kernels::kFitThreads, 0, s.stream>>>(
+          heads, w, s.max_cap, s.fit_ints.template as<int>(), s.fit_meta.template as<Meta>(), err);
+    else
+      gpu::kernels::evict_kernel<T, Meta, State, DP><<<s.H, 256, 0, s.stream>>>(heads, w, err);
+  }
+
+  // kHostPrompt: the CPU policy's own on_insert / on_prompt over a host copy of the prompt (with the attention
+  // sums computed on the device), then the kept tokens, the counters and the state go to the device head.
+  // Q, K, V, col, win are device pointers; runs once per prefill (the decode path never comes here).
+  void host_prompt(int layer, const float* Q, const float* K, const float* V, int NT, std::int64_t first_pos,
+                   const float* col, const float* win, int window) {
+    Store& s = *st_;
+    const int H = s.H, Hq = s.Hq, d = s.width[static_cast<std::size_t>(layer)], g = s.g;  // stored width
+    const std::size_t Tz = static_cast<std::size_t>(NT), sums = static_cast<std::size_t>(H) * g * Tz;
+    std::vector<float> q(Tz * Hq * d), k(Tz * H * d), v(Tz * H * d), c(sums), w(win != nullptr ? sums : 0);
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(q.data(), Q, sizeof(float) * q.size(), cudaMemcpyDeviceToHost, s.stream));
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(k.data(), K, sizeof(float) * k.size(), cudaMemcpyDeviceToHost, s.stream));
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(v.data(), V, sizeof(float) * v.size(), cudaMemcpyDeviceToHost, s.stream));
+    if (col != nullptr)
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(c.data(), col, sizeof(float) * sums, cudaMemcpyDeviceToHost, s.stream));
+    if (win != nullptr)
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(w.data(), win, sizeof(float) * sums, cudaMemcpyDeviceToHost, s.stream));
+    std::vector<Head> recs(static_cast<std::size_t>(H));
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(recs.data(), s.layer_heads(layer), sizeof(Head) * recs.size(),
+                                      cudaMemcpyDeviceToHost, s.stream));
+    s.sync_and_check();
+    P& pol = policy(layer);
+    gpu::DeviceBuffer rows(sizeof(float) * 2 * static_cast<std::size_t>(s.max_cap) * d);
+    for (int kv = 0; kv < H; ++kv) {
+      Head& r = recs[static_cast<std::size_t>(kv)];
+      HeadStore<Meta> hs(d, d, r.budget);
+      hs.reserve(NT + 1);
+      typename P::HeadState hst;
+      for (int t = 0; t < NT; ++t) {
+        const std::size_t row = static_cast<std::size_t>(t) * H + kv;
+        StepContext step{layer, kv, g, d, first_pos + t, -1, q.data() + (static_cast<std::size_t>(t) * Hq + kv * g) * d,
+                         true};
+        step.slot = hs.append(k.data() + row * d, v.data() + row * d, first_pos + t);
+        pol.on_insert(hst, hs, step);
+      }
+      const std::size_t at = static_cast<std::size_t>(kv) * g * Tz;
+      const PromptContext prompt{layer, kv, g, NT, col != nullptr ? c.data() + at : nullptr,
+                                 win != nullptr ? w.data() + at : nullptr, window};
+      pol.on_prompt(hst, hs, prompt);
+      KVTRIM_CHECK(hs.size() <= r.budget, P::kName, " left ", hs.size(), " prompt tokens in layer ", layer,
+                   " KV head ", kv, " over its budget of ", r.budget);
+      const int n = hs.size();
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(rows.as<float>(), hs.keys().data(), sizeof(float) * n * d,
+                                        cudaMemcpyHostToDevice, s.stream));
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(rows.as<float>() + static_cast<std::size_t>(n) * d, hs.values().data(),
+                                        sizeof(float) * n * d, cudaMemcpyHostToDevice, s.stream));
+      const std::size_t count = static_cast<std::size_t>(n) * d;
+      if (count > 0) {
+        const unsigned blocks = static_cast<unsigned>(std::min<std::size_t>((count + 255) / 256, 4096));
+        gpu::kernels::convert_rows_kernel<T><<<blocks, 256, 0, s.stream>>>(r.k, rows.as<float>(), count);
+        gpu::kernels::convert_rows_kernel<T><<<blocks, 256, 0, s.stream>>>(r.v, rows.as<float>() + count, count);
+        KVTRIM_CUDA_CHECK(cudaGetLastError());
+      }
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(r.pos, hs.positions().data(), sizeof(std::int64_t) * n, cudaMemcpyHostToDevice,
+                                        s.stream));
+      std::vector<Meta> meta(static_cast<std::size_t>(n));
+      for (int i = 0; i < n; ++i) meta[static_cast<std::size_t>(i)] = hs.meta(i);
+      KVTRIM_CUDA_CHECK(
+          cudaMemcpyAsync(r.meta, meta.data(), sizeof(Meta) * meta.size(), cudaMemcpyHostToDevice, s.stream));
+      r.n = n;
+      r.newest = std::max(r.newest, hs.newest_pos());
+      r.evictions += hs.evictions();
+      r.merges += hs.merges();
+      r.state = DP::after_host_prompt(r.state, hst, r.budget, r.limit);
+      KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));  // rows and meta are reused or freed next
+    }
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.layer_heads(layer), recs.data(), sizeof(Head) * recs.size(),
+                                      cudaMemcpyHostToDevice, s.stream));
+    KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));  // recs is freed when this function returns
+  }
+
+  // Low-rank storage (kProjects), on the backend's stream with cuBLAS (fp32 GEMMs). For each KV head h (and,
+  // in a batch of `batch`, each token): `cols` consecutive input rows of d floats starting at
+  // x + h * head_stride (rows `batch_stride` apart per token) map to `cols` rows of w floats at
+  // y + h * out_head_stride: y = U_hᵀ x, U_h the head's padded basis (d x w column-major).
+  void project(const float* U, int w, const float* x, int cols, int d, long long head_stride, int batch,
+               float* y, long long out_head_stride, long long batch_stride, long long out_batch_stride = 0) {
+    Store& s = *st_;
+    const float one = 1.0f, zero = 0.0f;
+    for (int h = 0; h < s.H; ++h)
+      KVTRIM_CUBLAS_CHECK(cublasSgemmStridedBatched(
+          s.blas, CUBLAS_OP_T, CUBLAS_OP_N, w, cols, d, &one, U + static_cast<std::size_t>(h) * d * w, d, 0,
+          x + h * head_stride, d, batch_stride, &zero, y + h * out_head_stride, w, out_batch_stride, batch));
+  }
+  // The way back: `cols` rows of w floats at y + h * in_head_stride become rows of head_dim floats at
+  // x + h * out_head_stride: x = U_h y (the value basis).
+  void unproject(const float* U, int w, const float* y, int cols, long long in_head_stride, int batch, float* x,
+                 long long out_head_stride, long long batch_stride, long long out_batch_stride = 0) {
+    Store& s = *st_;
+    const float one = 1.0f, zero = 0.0f;
+    const int d = s.d;
+    for (int h = 0; h < s.H; ++h)
+      KVTRIM_CUBLAS_CHECK(cublasSgemmStridedBatched(
+          s.blas, CUBLAS_OP_N, CUBLAS_OP_N, d, cols, w, &one, U + static_cast<std::size_t>(h) * d * w, d, 0,
+          y + h * in_head_stride, w, batch_stride, &zero, x + h * out_head_stride, d, out_batch_stride, batch));
+  }
+  // The policy's bases, padded with zero columns to each layer's width, column-major (see Store::width).
+  void upload_bases() {
+    Store& s = *st_;
+    const int d = s.d;
+    std::vector<float> all;
+    for (int l = 0; l < s.L; ++l) {
+      const P& pol = policies_[static_cast<std::size_t>(l)];
+      const int w = s.width[static_cast<std::size_t>(l)];
+      s.basis_at.push_back(all.size());
+      for (int which = 0; which < 2; ++which)
+        for (int h = 0; h < s.H; ++h) {
+          const Eigen::MatrixXf& U = which == 0 ? pol.basis().key(l, h) : pol.basis().value(l, h);
+          const int r = static_cast<int>(U.cols());
+          for (int j = 0; j < w; ++j)
+            for (int i = 0; i < d; ++i) all.push_back(j < r ? U(i, j) : 0.0f);
+        }
+    }
+    s.bases.allocate(sizeof(float) * all.size());
+    KVTRIM_CUDA_CHECK(cudaMemcpy(s.bases.template as<void>(), all.data(), sizeof(float) * all.size(),
+                                 cudaMemcpyHostToDevice));
+    KVTRIM_CUDA_CHECK(cudaDeviceSynchronize());  // the copy is complete before any stream reads it
+  }
+
+  // SimHash codes of n vectors of head_dim floats (contiguous rows) with the layer's projection, on the stream.
+  void hash(int layer, const float* x, int n, std::uint64_t* codes) {
+    const Store& s = *st_;
+    gpu::kernels::simhash_kernel<<<static_cast<unsigned>(n), gpu::kernels::kHashThreads, 0, s.stream>>>(
+        s.layer_proj(layer), s.d, s.bits, x, static_cast<std::size_t>(s.d), codes);
+  }
+
   void upload_initial() {
     Store& s = *st_;
-    KVTRIM_CUDA_CHECK(cudaMemcpy(s.heads.template as<Head>(), s.initial.data(), sizeof(Head) * s.initial.size(),
-                                 cudaMemcpyHostToDevice));
-    KVTRIM_CUDA_CHECK(cudaMemset(s.error.template as<int>(), 0, sizeof(int)));
+    // on the backend's stream (non-blocking: it does not wait for the legacy default stream), then waited for
+    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.heads.template as<Head>(), s.initial.data(), sizeof(Head) * s.initial.size(),
+                                      cudaMemcpyHostToDevice, s.stream));
+    KVTRIM_CUDA_CHECK(cudaMemsetAsync(s.error.template as<int>(), 0, sizeof(int), s.stream));
+    KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));
     std::fill(s.host_n.begin(), s.host_n.end(), 0);
     s.mirror_valid = false;
     std::fill(s.pos_valid.begin(), s.pos_valid.end(), 0);

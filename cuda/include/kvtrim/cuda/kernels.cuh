@@ -6,9 +6,14 @@
 // block (or one grid row) on each KV head, so a decode step is a handful of launches for the whole layer and
 // the host never reads anything back.
 //
+//  simhash_kernel        SimHash codes of keys and queries (kSimHash policies), one thread per bit
 //  append_kernel         new token -> slot n (fp32 -> T), position, SlotMeta{}, DevicePolicy::on_insert
 //  evict_kernel          while n > limit: masked arg-min over the slots (protected skipped, lowest score,
 //                        oldest position on ties, select.hpp's rule), last slot moves into the hole
+//  merge_evict_kernel    kMerges policies (EMS): head statistics, the lowest-scored unprotected victim, its most
+//                        similar absorbing slot by key cosine, a weighted merge of the rows, then removal
+//  fit_kernel            structured eviction (kStructured policies, BUZZ): fit_key / fit_slot for every slot,
+//                        then survivors at or above the kept count move into the holes below it
 //  decode_split_kernel   pass 1 of flash-decoding: block = (split of kDecodeChunk slots, KV head, tile of G
 //                        query heads); every key/value row is read once for the G queries (GQA), 4-wide
 //                        vector loads, kRows rows in flight per warp, fp32 math; writes (max, sum exp, unnormalised output) per split and,
@@ -41,6 +46,7 @@ namespace kvtrim::gpu {
 // Error codes a kernel leaves in the backend's error word (the host turns them into kvtrim::Error).
 inline constexpr int kErrHeadFull = 1;       // a token arrived at a head with no free slot
 inline constexpr int kErrAllProtected = 2;   // over the limit but every remaining token is protected
+inline constexpr int kErrNoProgress = 3;     // a structured fit pass kept every token (a policy bug)
 
 template <class T, class Meta, class State>
 struct DevHead {
@@ -51,11 +57,13 @@ struct DevHead {
   Meta* meta = nullptr;
   int cap = 0;     // slots allocated (budget + 1)
   int budget = 0;  // tokens allowed after a step
-  int limit = 0;   // tokens the policy keeps (DevicePolicy::keep_limit, <= budget)
+  int limit = 0;   // tokens the policy keeps after a decode step (DevicePolicy::keep_limit, <= budget)
+  int prompt_limit = 0;  // tokens it keeps after prefill (traits::prompt_limit, <= budget)
   // mutable, written by the kernels
   int n = 0;
   std::int64_t newest = -1;
   unsigned long long evictions = 0;
+  unsigned long long merges = 0;
   State state{};
 };
 
@@ -141,12 +149,30 @@ __device__ float block_reduce(float x, float* scratch /* >= 33 floats */) {
   return r;
 }
 
-// ---- decode: append, evict ------------------------------------------------------------------------------
+// ---- decode: hash, append, evict ------------------------------------------------------------------------
 
-// grid: one block per KV head of the layer. k, v: [n_kv_heads x d] fp32.
+// grid: one block of kHashThreads per vector; vector i is x + i * stride (dim floats). Thread j < bits
+// computes bit j with simhash_bit, the host's arithmetic, so codes equal SimHashProjection::code exactly.
+inline constexpr int kHashThreads = 64;  // = kSimHashMaxBits
+template <class = void>  // a template, so that every translation unit including this header may define it
+__global__ void __launch_bounds__(kHashThreads)
+    simhash_kernel(const float* proj, int dim, int bits, const float* x, std::size_t stride, std::uint64_t* codes) {
+  __shared__ unsigned halves[2];
+  const int j = static_cast<int>(threadIdx.x);
+  const float* xi = x + static_cast<std::size_t>(blockIdx.x) * stride;
+  const bool bit = j < bits && simhash_bit(proj + static_cast<std::size_t>(j) * dim, dim, xi);
+  const unsigned word = __ballot_sync(kFullMask, bit);
+  if ((j & 31) == 0) halves[j >> 5] = word;
+  __syncthreads();
+  if (j == 0) codes[blockIdx.x] = static_cast<std::uint64_t>(halves[0]) | (static_cast<std::uint64_t>(halves[1]) << 32);
+}
+
+// grid: one block per KV head of the layer. k, v: [n_kv_heads x d] fp32. k_codes [n_kv_heads] and q_codes
+// [n_kv_heads x group] are the step's SimHash codes (kSimHash policies; null otherwise).
 template <class T, class Meta, class State, class DP>
-__global__ void append_kernel(DevHead<T, Meta, State>* heads, const float* k, const float* v, int d,
-                              std::int64_t position, int* error) {
+__global__ void append_kernel(DevHead<T, Meta, State>* heads, const float* k, const float* v, int d, int group,
+                              const std::uint64_t* k_codes, const std::uint64_t* q_codes, std::int64_t position,
+                              int* error) {
   DevHead<T, Meta, State>& h = heads[blockIdx.x];
   const int n = h.n;
   __syncthreads();  // every thread has read n before thread 0 advances it
@@ -166,7 +192,13 @@ __global__ void append_kernel(DevHead<T, Meta, State>* heads, const float* k, co
     h.pos[n] = position;
     h.meta[n] = Meta{};
     if (position > h.newest) h.newest = position;
-    DP::on_insert(h.state, h.meta[n], position, kin, d);
+    TokenInputs in;
+    in.key = kin;
+    in.d = d;
+    in.group = group;
+    if (k_codes != nullptr) in.key_code = k_codes[blockIdx.x];
+    if (q_codes != nullptr) in.q_codes = q_codes + static_cast<std::size_t>(blockIdx.x) * group;
+    DP::on_insert(h.state, h.meta[n], position, in);
     h.n = n + 1;
   }
 }
@@ -179,13 +211,56 @@ __device__ __forceinline__ VictimKey shfl_victim(const VictimKey& k, int offset)
   return o;
 }
 
+// The whole block removes slot `victim` of a head holding n tokens: the last slot moves into the hole. Every
+// thread calls it with the same arguments; on return n is published (after a barrier).
+template <class T, class Meta, class State>
+__device__ void remove_slot(DevHead<T, Meta, State>& h, int victim, int n, int d, bool merged) {
+  const int last = n - 1;
+  if (victim != last) {
+    T* kv = h.k + static_cast<std::size_t>(victim) * d;
+    T* vv = h.v + static_cast<std::size_t>(victim) * d;
+    const T* kl = h.k + static_cast<std::size_t>(last) * d;
+    const T* vl = h.v + static_cast<std::size_t>(last) * d;
+    for (int e = threadIdx.x; e < d; e += blockDim.x) {
+      kv[e] = kl[e];
+      vv[e] = vl[e];
+    }
+  }
+  __syncthreads();  // every read of n, pos and meta of this round is done
+  if (threadIdx.x == 0) {
+    if (victim != last) {
+      h.pos[victim] = h.pos[last];
+      h.meta[victim] = h.meta[last];
+    }
+    h.n = last;
+    ++(merged ? h.merges : h.evictions);
+  }
+  __syncthreads();
+}
+
+// Block-wide better_victim over per-thread candidates (blockDim.x a multiple of 32); every thread gets the slot.
+__device__ __forceinline__ int block_victim(VictimKey best, VictimKey* warp_best /* [32] */, int* s_victim) {
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (int o = 16; o > 0; o >>= 1) best = better_victim(best, shfl_victim(best, o));
+  if (lane == 0) warp_best[warp] = best;
+  __syncthreads();
+  if (threadIdx.x == 0) {
+    VictimKey b;
+    for (int w = 0; w < nw; ++w) b = better_victim(b, warp_best[w]);
+    *s_victim = b.slot;
+  }
+  __syncthreads();
+  const int victim = *s_victim;
+  __syncthreads();  // s_victim may be written again in the next round
+  return victim;
+}
+
 // grid: one block per KV head (blockDim.x a multiple of 32). Evicts one victim at a time until n <= limit.
 template <class T, class Meta, class State, class DP>
 __global__ void evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) {
   DevHead<T, Meta, State>& h = heads[blockIdx.x];
   __shared__ VictimKey warp_best[32];
   __shared__ int s_victim;
-  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
   for (;;) {
     const int n = h.n;
     if (n <= h.limit) return;  // uniform: n was published before the last barrier
@@ -197,39 +272,183 @@ __global__ void evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) 
       if (DP::protects(h.state, m, p, newest)) continue;
       best = better_victim(best, VictimKey{DP::score(h.state, m, p, newest), p, i});
     }
-    for (int o = 16; o > 0; o >>= 1) best = better_victim(best, shfl_victim(best, o));
-    if (lane == 0) warp_best[warp] = best;
-    __syncthreads();
-    if (threadIdx.x == 0) {
-      VictimKey b;
-      for (int w = 0; w < nw; ++w) b = better_victim(b, warp_best[w]);
-      s_victim = b.slot;
-    }
-    __syncthreads();
-    const int victim = s_victim;
+    const int victim = block_victim(best, warp_best, &s_victim);
     if (victim < 0) {
       if (threadIdx.x == 0) atomicExch(error, kErrAllProtected);
       return;
     }
-    const int last = n - 1;
-    if (victim != last) {
-      T* kv = h.k + static_cast<std::size_t>(victim) * d;
-      T* vv = h.v + static_cast<std::size_t>(victim) * d;
-      const T* kl = h.k + static_cast<std::size_t>(last) * d;
-      const T* vl = h.v + static_cast<std::size_t>(last) * d;
-      for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        kv[e] = kl[e];
-        vv[e] = vl[e];
-      }
-    }
-    __syncthreads();  // all reads of n, pos and meta of this round are done
+    remove_slot(h, victim, n, d, false);
+  }
+}
+
+// grid: one block of kMergeThreads per KV head (kMerges policies). While n > limit: the head's statistics
+// (DP::stats_of / combine), the victim (lowest merge_score among the unprotected, oldest on ties), then, when
+// DP::may_merge, the absorbing slot with the highest key cosine (fp32 over the stored rows; older on ties);
+// if that cosine reaches DP::merge_threshold the victim's rows are folded into it with the DP::merge_weight
+// coefficients (ems_mix: no fused multiply-add) and its metadata merged; the victim then leaves.
+inline constexpr int kMergeThreads = 256;
+template <class T, class Meta, class State, class DP>
+__global__ void __launch_bounds__(kMergeThreads)
+    merge_evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) {
+  using Stats = typename DP::Stats;
+  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+  __shared__ Stats thread_stats[kMergeThreads];
+  __shared__ Stats s_stats;
+  __shared__ VictimKey warp_best[32];
+  __shared__ int s_victim, s_target;
+  __shared__ float s_victim_norm;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, nw = blockDim.x >> 5;
+  for (;;) {
+    const int n = h.n;
+    if (n <= h.limit) return;  // uniform: n was published before the last barrier
+    const std::int64_t newest = h.newest;
+    Stats mine{};
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mine = DP::combine(mine, DP::stats_of(h.meta[i]));
+    thread_stats[threadIdx.x] = mine;
+    __syncthreads();
     if (threadIdx.x == 0) {
-      if (victim != last) {
-        h.pos[victim] = h.pos[last];
-        h.meta[victim] = h.meta[last];
+      Stats all{};
+      for (int t = 0; t < static_cast<int>(blockDim.x); ++t) all = DP::combine(all, thread_stats[t]);
+      s_stats = all;
+    }
+    __syncthreads();
+    const Stats st = s_stats;
+    VictimKey best;
+    for (int i = threadIdx.x; i < n; i += blockDim.x) {
+      const std::int64_t p = h.pos[i];
+      if (DP::protects(h.state, h.meta[i], p, newest)) continue;
+      best = better_victim(best, VictimKey{DP::merge_score(h.state, st, h.meta[i]), p, i});
+    }
+    const int victim = block_victim(best, warp_best, &s_victim);
+    if (victim < 0) {
+      if (threadIdx.x == 0) atomicExch(error, kErrAllProtected);
+      return;
+    }
+    const T* kv = h.k + static_cast<std::size_t>(victim) * d;
+    if (DP::may_merge(h.state, st, h.meta[victim])) {  // uniform: every thread reads the same values
+      if (warp == 0) {
+        float sq = 0.0f;
+        for (int e = lane; e < d; e += 32) sq += to_f(kv[e]) * to_f(kv[e]);
+        sq = warp_sum(sq);
+        if (lane == 0) s_victim_norm = sqrtf(sq);
       }
-      h.n = last;
-      ++h.evictions;
+      __syncthreads();
+      // The absorbing slot: the highest cosine, the older on ties, i.e. better_victim's choice on minus the
+      // cosine. Per warp, lanes across the key rows.
+      VictimKey cand;
+      for (int c = warp; c < n; c += nw) {
+        if (c == victim || !DP::absorbs(h.state, h.meta[c], h.pos[c])) continue;
+        const T* kc = h.k + static_cast<std::size_t>(c) * d;
+        float dot = 0.0f, sq = 0.0f;
+        for (int e = lane; e < d; e += 32) {
+          const float x = to_f(kc[e]);
+          dot += x * to_f(kv[e]);
+          sq += x * x;
+        }
+        dot = warp_sum(dot);
+        sq = warp_sum(sq);
+        cand = better_victim(cand, VictimKey{-ems_cosine_from(dot, sqrtf(sq), s_victim_norm), h.pos[c], c});
+      }
+      if (lane == 0) warp_best[warp] = cand;
+      __syncthreads();
+      if (threadIdx.x == 0) {
+        VictimKey b;
+        for (int w = 0; w < nw; ++w) b = better_victim(b, warp_best[w]);
+        s_target = b.slot >= 0 && -b.score >= DP::merge_threshold(h.state) ? b.slot : -1;
+      }
+      __syncthreads();
+    } else if (threadIdx.x == 0) {
+      s_target = -1;
+    }
+    __syncthreads();
+    const int target = s_target;
+    if (target >= 0) {
+      const EmsMix mix =
+          ems_mix_weights(DP::merge_weight(h.state, h.meta[target]), DP::merge_weight(h.state, h.meta[victim]));
+      T* kt = h.k + static_cast<std::size_t>(target) * d;
+      T* vt = h.v + static_cast<std::size_t>(target) * d;
+      const T* vv = h.v + static_cast<std::size_t>(victim) * d;
+      const bool keys = DP::merges_keys(h.state);
+      for (int e = threadIdx.x; e < d; e += blockDim.x) {
+        if (keys) kt[e] = from_f<T>(ems_mix(mix, to_f(kt[e]), to_f(kv[e])));
+        vt[e] = from_f<T>(ems_mix(mix, to_f(vt[e]), to_f(vv[e])));
+      }
+      __syncthreads();  // the weights above were read before the metadata changes
+      if (threadIdx.x == 0) DP::merge_meta(h.meta[target], h.meta[victim]);
+      __syncthreads();
+    }
+    remove_slot(h, victim, n, d, target >= 0);
+  }
+}
+
+// ---- structured eviction (kStructured policies) ---------------------------------------------------------
+
+inline constexpr int kFitThreads = 256;
+
+// Writes list[rank] = i for every i in [begin, end) with flag(i), in index order; returns the count. Every
+// thread of the block must call it (it synchronises).
+template <class Scan, class Flag>
+__device__ int block_collect(typename Scan::TempStorage& tmp, int begin, int end, Flag flag, int* list) {
+  int base = 0;
+  for (int i0 = begin; i0 < end; i0 += kFitThreads) {
+    const int i = i0 + static_cast<int>(threadIdx.x);
+    const int f = i < end && flag(i) ? 1 : 0;
+    int offset = 0, total = 0;
+    Scan(tmp).ExclusiveSum(f, offset, total);
+    if (f) list[base + offset] = i;
+    base += total;
+    __syncthreads();  // tmp is reused by the next chunk
+  }
+  return base;
+}
+
+// grid: one block of kFitThreads per KV head. Scratch per head (stride ints / Metas): keys, flags, holes, movers
+// and new metadata. Passes repeat while DevicePolicy::needs_fit.
+template <class T, class Meta, class State, class DP>
+__global__ void __launch_bounds__(kFitThreads)
+    fit_kernel(DevHead<T, Meta, State>* heads, int d, int stride, int* scratch, Meta* new_meta, int* error) {
+  using Scan = cub::BlockScan<int, kFitThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+  int* keys = scratch + static_cast<std::size_t>(blockIdx.x) * 4 * stride;
+  int* flags = keys + stride;
+  int* holes = flags + stride;
+  int* movers = holes + stride;
+  Meta* nm = new_meta + static_cast<std::size_t>(blockIdx.x) * stride;
+  for (;;) {
+    const int n = h.n;
+    if (!DP::needs_fit(h.state, n)) return;  // uniform: n was published before the last barrier
+    for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = DP::fit_key(h.state, h.pos, h.meta, n, i);
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      flags[i] = DP::fit_slot(h.state, h.meta, keys, n, i, nm[i]) ? 1 : 0;
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      if (flags[i]) h.meta[i] = nm[i];
+    const int kept = block_collect<Scan>(scan_tmp, 0, n, [&](int i) { return flags[i] != 0; }, keys);
+    if (kept == n) {
+      if (threadIdx.x == 0) atomicExch(error, kErrNoProgress);
+      return;
+    }
+    // the k-th hole below `kept` receives the k-th survivor at or above it (sources and targets are disjoint)
+    const int n_holes = block_collect<Scan>(scan_tmp, 0, kept, [&](int i) { return flags[i] == 0; }, holes);
+    block_collect<Scan>(scan_tmp, kept, n, [&](int i) { return flags[i] != 0; }, movers);
+    const std::size_t moved = static_cast<std::size_t>(n_holes) * d;
+    for (std::size_t e = threadIdx.x; e < moved; e += blockDim.x) {
+      const std::size_t r = e / d, c = e % d;
+      const std::size_t dst = static_cast<std::size_t>(holes[r]) * d + c;
+      const std::size_t src = static_cast<std::size_t>(movers[r]) * d + c;
+      h.k[dst] = h.k[src];
+      h.v[dst] = h.v[src];
+    }
+    for (int r = threadIdx.x; r < n_holes; r += blockDim.x) {
+      h.pos[holes[r]] = h.pos[movers[r]];
+      h.meta[holes[r]] = h.meta[movers[r]];
+    }
+    __syncthreads();
+    if (threadIdx.x == 0) {
+      h.n = kept;
+      h.evictions += static_cast<unsigned long long>(n - kept);
     }
     __syncthreads();
   }
@@ -407,6 +626,7 @@ __global__ void __launch_bounds__(kDecodeThreads) decode_split_kernel(const Head
 }
 
 // grid: n_q_heads blocks. out: [n_q_heads x d]; stats (optional): [n_q_heads x 2] global max and sum.
+template <class = void>  // a template, so that every translation unit including this header may define it
 __global__ void decode_combine_kernel(const float* part_ml, const float* part_o, int n_splits, int d, float* out,
                                       float* stats) {
   const int row = blockIdx.x;
@@ -489,11 +709,11 @@ void launch_decode_attention(const Head* heads, int n_kv, const DecodeArgs& a, f
 // ---- prefill ------------------------------------------------------------------------------------------
 
 // S: [group x B x width] scaled scores of prompt rows t0..t0+B-1 (row r sees keys 0..t0+r). Causal softmax in
-// place (masked entries become 0). With kSums, adds each probability to col[gi x T] and, for the last
-// `window` rows of the prompt, to win[gi x T]. grid: (B, group), block 256.
+// place (masked entries become 0). With kSums, adds each probability to col[gi x T], for the last `window`
+// rows of the prompt to win[gi x T], and for the last `vote_window` rows to vote[gi x T]. grid: (B, group).
 template <bool kSums>
 __global__ void prompt_softmax_kernel(float* S, int B, int width, int t0, int T, int window, float* col,
-                                      float* win) {
+                                      float* win, int vote_window, float* vote) {
   __shared__ float scratch[33];
   const int r = blockIdx.x, gi = blockIdx.y, t = t0 + r;
   float* row = S + (static_cast<std::size_t>(gi) * B + r) * width;
@@ -508,7 +728,7 @@ __global__ void prompt_softmax_kernel(float* S, int B, int width, int t0, int T,
   }
   l = block_reduce<false>(l, scratch);
   const float inv = 1.0f / l;
-  const bool in_window = t >= T - window;
+  const bool in_window = t >= T - window, in_vote = t >= T - vote_window;
   for (int j = threadIdx.x; j < width; j += blockDim.x) {
     if (j > t) {
       row[j] = 0.0f;
@@ -519,23 +739,35 @@ __global__ void prompt_softmax_kernel(float* S, int B, int width, int t0, int T,
     if constexpr (kSums) {
       atomicAdd(col + static_cast<std::size_t>(gi) * T + j, p);
       if (in_window) atomicAdd(win + static_cast<std::size_t>(gi) * T + j, p);
+      if (in_vote) atomicAdd(vote + static_cast<std::size_t>(gi) * T + j, p);
     }
   }
 }
 
 // grid: one block per KV head. Replays on_insert over the prompt in order (thread 0; cheap per token), then
 // gives every token its sort key for the keep selection (prompt_sort_key; protected tokens score +inf and
-// sort last). K: [T x n_kv_heads*d] fp32 prompt keys; keys: [n_kv_heads x T]. col/win: [n_kv_heads x group x T] (null when the policy needs none).
+// sort last). K: [T x n_kv_heads*d] fp32 prompt keys; keys: [n_kv_heads x T]. col/win/vote:
+// [n_kv_heads x group x T] (null when the policy needs none). k_codes [T x n_kv_heads] and last_q_codes
+// [n_kv_heads x group] (the last prompt token's queries): SimHash codes for kSimHash policies, else null.
 template <class DP, class Head, class Meta>
 __global__ void prompt_meta_kernel(Head* heads, Meta* meta_tmp, std::uint64_t* keys, const float* K, int n_kv, int d,
-                                   int T, std::int64_t first_pos, const float* col, const float* win, int group) {
+                                   int T, std::int64_t first_pos, const float* col, const float* win,
+                                   const float* vote, int group, const std::uint64_t* k_codes,
+                                   const std::uint64_t* last_q_codes) {
   Head& h = heads[blockIdx.x];
   Meta* meta = meta_tmp + static_cast<std::size_t>(blockIdx.x) * T;
   if (threadIdx.x == 0) {
     for (int t = 0; t < T; ++t) {
       meta[t] = Meta{};
-      DP::on_insert(h.state, meta[t], first_pos + t,
-                    K + static_cast<std::size_t>(t) * n_kv * d + static_cast<std::size_t>(blockIdx.x) * d, d);
+      TokenInputs in;
+      in.key = K + static_cast<std::size_t>(t) * n_kv * d + static_cast<std::size_t>(blockIdx.x) * d;
+      in.d = d;
+      in.group = group;
+      in.prefill = true;
+      if (k_codes != nullptr) in.key_code = k_codes[static_cast<std::size_t>(t) * n_kv + blockIdx.x];
+      if (last_q_codes != nullptr && t == T - 1)
+        in.q_codes = last_q_codes + static_cast<std::size_t>(blockIdx.x) * group;
+      DP::on_insert(h.state, meta[t], first_pos + t, in);
     }
     const std::int64_t last = first_pos + T - 1;
     if (last > h.newest) h.newest = last;
@@ -543,28 +775,93 @@ __global__ void prompt_meta_kernel(Head* heads, Meta* meta_tmp, std::uint64_t* k
   __syncthreads();
   const std::int64_t newest = h.newest;
   const std::size_t base = static_cast<std::size_t>(blockIdx.x) * group * T;
-  const AttentionRows c{col != nullptr ? col + base : nullptr, T, group, T};
-  const AttentionRows w{win != nullptr ? win + base : nullptr, T, group, T};
+  auto rows = [&](const float* sums) { return AttentionRows{sums != nullptr ? sums + base : nullptr, T, group, T}; };
+  const PromptSums sums{rows(col), rows(win), rows(vote)};
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
-    const float s = DP::prompt_score(h.state, meta[t], t, c, w);
-    const float score = DP::protects(h.state, meta[t], first_pos + t, newest) ? INFINITY : s;
+    const float s = DP::prompt_score(h.state, meta[t], t, sums);
+    const float score = traits::prompt_protects<DP>(h.state, meta[t], first_pos + t, newest) ? INFINITY : s;
     keys[static_cast<std::size_t>(blockIdx.x) * T + t] = prompt_sort_key(score, t);
   }
 }
 
 // grid: (ceil(T / blockDim), n_kv_heads). After an ascending sort of each head's keys, the first
-// T - min(T, limit) tokens are dropped; a dropped protected key means the protected tokens alone exceed the limit.
+// T - min(T, prompt_limit) tokens are dropped; a dropped protected key means the protected tokens alone exceed
+// the limit.
 template <class Head>
 __global__ void prompt_mark_kernel(const Head* heads, const std::uint64_t* sorted_keys, unsigned char* keep, int T,
                                    int* error) {
   const Head& h = heads[blockIdx.y];
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= T) return;
-  const int drop = T - min(T, h.limit);
+  const int drop = T - min(T, h.prompt_limit);
   const std::uint64_t key = sorted_keys[static_cast<std::size_t>(blockIdx.y) * T + i];
   const bool dropped = i < drop;
   keep[static_cast<std::size_t>(blockIdx.y) * T + sort_key_token(key)] = dropped ? 0 : 1;
   if (dropped && sort_key_protected(key)) atomicExch(error, kErrAllProtected);
+}
+
+// grid: one block of kFitThreads per KV head. The structured fit of a prompt (kStructured policies): passes of
+// fit_key / fit_slot over the surviving prompt tokens (kept in position order) while needs_fit, then keep marks
+// and the survivors' metadata. meta_tmp, keep: [n_kv_heads x T]; scratch: [n_kv_heads x 6T] ints; metas:
+// [n_kv_heads x 3T]; positions: [n_kv_heads x 2T].
+template <class DP, class Head, class Meta>
+__global__ void __launch_bounds__(kFitThreads)
+    prompt_fit_kernel(const Head* heads, Meta* meta_tmp, unsigned char* keep, int T, std::int64_t first_pos,
+                      int* scratch, Meta* metas, std::int64_t* positions, int* error) {
+  using Scan = cub::BlockScan<int, kFitThreads>;
+  __shared__ typename Scan::TempStorage scan_tmp;
+  const Head& h = heads[blockIdx.x];
+  const std::size_t Tz = static_cast<std::size_t>(T);
+  int* idx[2] = {scratch + blockIdx.x * 6 * Tz, scratch + blockIdx.x * 6 * Tz + Tz};
+  int* keys = idx[1] + Tz;
+  int* flags = keys + Tz;
+  int* order = flags + Tz;
+  Meta* mt[2] = {metas + blockIdx.x * 3 * Tz, metas + blockIdx.x * 3 * Tz + Tz};
+  Meta* nm = mt[1] + Tz;
+  std::int64_t* ps[2] = {positions + blockIdx.x * 2 * Tz, positions + blockIdx.x * 2 * Tz + Tz};
+  Meta* mine = meta_tmp + blockIdx.x * Tz;
+  for (int t = threadIdx.x; t < T; t += blockDim.x) {
+    idx[0][t] = t;
+    ps[0][t] = first_pos + t;
+    mt[0][t] = mine[t];
+  }
+  __syncthreads();
+  int cur = 0, n = T;
+  while (DP::needs_fit(h.state, n)) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = DP::fit_key(h.state, ps[cur], mt[cur], n, i);
+    __syncthreads();
+    for (int i = threadIdx.x; i < n; i += blockDim.x)
+      flags[i] = DP::fit_slot(h.state, mt[cur], keys, n, i, nm[i]) ? 1 : 0;
+    __syncthreads();
+    const int kept = block_collect<Scan>(scan_tmp, 0, n, [&](int i) { return flags[i] != 0; }, order);
+    if (kept == n) {
+      if (threadIdx.x == 0) atomicExch(error, kErrNoProgress);
+      return;
+    }
+    const int nxt = 1 - cur;
+    for (int r = threadIdx.x; r < kept; r += blockDim.x) {  // stable: survivors stay in position order
+      idx[nxt][r] = idx[cur][order[r]];
+      ps[nxt][r] = ps[cur][order[r]];
+      mt[nxt][r] = nm[order[r]];
+    }
+    __syncthreads();
+    cur = nxt;
+    n = kept;
+  }
+  for (int t = threadIdx.x; t < T; t += blockDim.x) keep[blockIdx.x * Tz + t] = 0;
+  __syncthreads();
+  for (int r = threadIdx.x; r < n; r += blockDim.x) {
+    keep[blockIdx.x * Tz + idx[cur][r]] = 1;
+    mine[idx[cur][r]] = mt[cur][r];
+  }
+}
+
+// dst[i] = src[i] (fp32 -> T) for i < n; a grid-stride loop.
+template <class T>
+__global__ void convert_rows_kernel(T* dst, const float* src, std::size_t n) {
+  for (std::size_t i = blockIdx.x * static_cast<std::size_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<std::size_t>(gridDim.x) * blockDim.x)
+    dst[i] = from_f<T>(src[i]);
 }
 
 // grid: one block of kStoreThreads per KV head. Kept prompt tokens go to slots 0..kept-1 in position order.
