@@ -2,7 +2,7 @@
 // the device selection algorithm replayed on the host with the DevicePolicy hooks against the CPU backend,
 // and the no-device error. Compiled by the host compiler.
 #include <kvtrim/cuda/check.hpp>
-#include <kvtrim/cuda/device_policy.hpp>
+#include <kvtrim/cuda/device_policies.hpp>
 #include <kvtrim/cuda/kernel_math.hpp>
 
 #include <algorithm>

@@ -55,7 +55,7 @@
 #include <kvtrim/policy.hpp>
 
 #include "check.hpp"
-#include "device_policy.hpp"
+#include "device_policies.hpp"
 #include "kernels.cuh"
 
 namespace kvtrim {

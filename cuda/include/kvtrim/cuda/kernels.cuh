@@ -38,7 +38,7 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 
-#include "device_policy.hpp"
+#include "device_policies.hpp"
 #include "kernel_math.hpp"
 
 namespace kvtrim::gpu {
