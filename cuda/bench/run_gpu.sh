@@ -13,6 +13,9 @@
 #   POLICY_ITERS     decode steps per policy measurement in bench_cuda_policies (default 200)
 #   DECODE_ITERS     steps per measurement in bench_cuda_decode (default 50)
 #   PYTHON           the Python with PyTorch for sdpa_compare.py (default python3)
+#   STEPS            which steps run, of "build tests bench sdpa sanitize" (default all), e.g. STEPS="build tests"
+#                    then STEPS="bench sdpa sanitize" to split the work over two commands of a time-limited
+#                    machine (the second reuses BUILD_DIR)
 #
 # Order: build -> unit tests -> benchmarks -> SDPA comparison -> sanitizers, so that the figures exist even if a
 # sanitizer run is slow. A failing build stops the script (set -e); a failing test, benchmark, comparison or
@@ -29,6 +32,8 @@ SANITIZER_TIMEOUT="${SANITIZER_TIMEOUT:-120}"
 POLICY_ITERS="${POLICY_ITERS:-200}"
 DECODE_ITERS="${DECODE_ITERS:-50}"
 PYTHON="${PYTHON:-python3}"
+STEPS=" ${STEPS:-build tests bench sdpa sanitize} "
+want() { [[ "$STEPS" == *" $1 "* ]]; }
 cd "$ROOT"
 case "$BUILD_DIR" in /*) ;; *) BUILD_DIR="$ROOT/$BUILD_DIR" ;; esac
 case "$OUT_DIR" in /*) ;; *) OUT_DIR="$ROOT/$OUT_DIR" ;; esac
@@ -75,6 +80,7 @@ else
 fi
 echo "build: $BUILD_DIR; output: $OUT_DIR; $(nproc) CPUs"
 
+if want build; then
 section "configure"
 # Eigen3 and Catch2 packed by cuda/bench/pack_gpu_deps.sh (for GPU machines without them) are used when present.
 if [ -d "$ROOT/.gpu-deps" ]; then
@@ -92,17 +98,21 @@ fi
 
 section "build"
 cmake --build "$BUILD_DIR" -j "$JOBS" --target test_cuda_host test_cuda_backend bench_cuda_decode bench_cuda_policies
+fi
 BIN="$BUILD_DIR/tests/cuda"
 for exe in test_cuda_host test_cuda_backend bench_cuda_decode bench_cuda_policies; do
   [ -x "$BIN/$exe" ] || { echo "run_gpu.sh: error: $BIN/$exe was not built"; exit 1; }
 done
 
+if want tests; then
 section "tests"
 # A failing test is recorded, not fatal: the benchmarks and sanitizers still run, so one GPU session yields
 # every figure and every failure at once.
 keep_going test_cuda_host "$BIN/test_cuda_host"
 keep_going test_cuda_backend "$BIN/test_cuda_backend"
+fi
 
+if want bench; then
 section "bench_cuda_decode (iterations $DECODE_ITERS)"
 keep_going bench_cuda_decode bash -c "set -o pipefail; '$BIN/bench_cuda_decode' 8 4 128 '$DECODE_ITERS' \
   --csv '$OUT_DIR/decode.csv' | tee '$OUT_DIR/decode.txt'"
@@ -111,6 +121,9 @@ section "bench_cuda_policies (iterations $POLICY_ITERS)"
 keep_going bench_cuda_policies bash -c "set -o pipefail; '$BIN/bench_cuda_policies' 8 4 128 '$POLICY_ITERS' \
   --csv '$OUT_DIR/policies.csv' | tee '$OUT_DIR/policies.txt'"
 
+fi
+
+if want sdpa; then
 section "sdpa_compare.py"
 if [ -s "$OUT_DIR/decode.csv" ]; then
   rc=0
@@ -128,6 +141,9 @@ else
   FAILED+=("sdpa_compare.py")
 fi
 
+fi
+
+if want sanitize; then
 SAN="$(command -v compute-sanitizer || true)"
 for candidate in "$(dirname "$NVCC")/compute-sanitizer" /usr/local/cuda/bin/compute-sanitizer \
   /usr/local/cuda/compute-sanitizer/compute-sanitizer; do
@@ -143,6 +159,8 @@ else
   section "compute-sanitizer racecheck: test_cuda_backend [float] (limit ${SANITIZER_TIMEOUT}s)"
   keep_going "racecheck test_cuda_backend [float]" timeout "$SANITIZER_TIMEOUT" \
     "$SAN" --tool racecheck --error-exitcode 99 "$BIN/test_cuda_backend" "[float]"
+fi
+
 fi
 
 section "summary"
