@@ -254,25 +254,7 @@ TEST_CASE("TOVA is deterministic and the same as FullCache when the budget holds
   kvtest::check_equals_full_cache<TOVA>({.group_reduce = GroupReduce::kMax, .sinks = 2, .recent = 2}, gqa, 0, 50);
   CacheConfig cfg = gqa;
   cfg.budget = 9;
-  auto run = [&] {
-    KVCache<TOVA> cache(cfg, {.recent = 1});
-    Tokens tok(cfg, 300, 78);
-    std::vector<float> out(32), outs;
-    std::vector<std::vector<std::int64_t>> trace;
-    std::vector<float> pout(30 * 32);
-    for (int l = 0; l < 2; ++l)
-      cache.prefill(l, Tokens::rows(tok.q, 0, 30), Tokens::rows(tok.k, 0, 30), Tokens::rows(tok.v, 0, 30), pout);
-    for (int t = 30; t < 300; ++t)
-      for (int l = 0; l < 2; ++l) {
-        cache.decode(l, tok.q[t], tok.k[t], tok.v[t], out);
-        trace.push_back(cache.positions(l, t % 2));
-        outs.insert(outs.end(), out.begin(), out.end());
-      }
-    return std::make_pair(trace, outs);
-  };
-  const auto a = run(), b = run();
-  REQUIRE(a.first == b.first);
-  REQUIRE(a.second == b.second);
+  kvtest::require_deterministic([&] { return KVCache<TOVA>(cfg, {.recent = 1}); }, 30, 300, 78);
 }
 
 TEST_CASE("TOVA rejects bad parameters with kvtrim::Error", "[tova][errors]") {

@@ -137,4 +137,36 @@ void check_equals_full_cache(const typename P::Params& params, kvtrim::CacheConf
   REQUIRE(pol.evictions() == 0);
 }
 
+// Two caches from `make` fed the same prompt (the first `prompt` tokens, every layer) and decode stream must
+// keep the same positions and produce the same outputs, bit for bit, after every call: a policy's decisions
+// depend on its inputs only.
+template <class Make>
+void require_deterministic(Make make, int prompt, int total, std::uint64_t seed) {
+  auto run = [&] {
+    auto cache = make();
+    const kvtrim::CacheConfig& cfg = cache.config();
+    Tokens tok(cfg, total, seed);
+    const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
+    std::vector<std::vector<std::int64_t>> trace;
+    std::vector<float> outs, out(qw);
+    for (int l = 0; l < cfg.n_layers && prompt > 0; ++l) {
+      std::vector<float> pout(static_cast<std::size_t>(prompt) * qw);
+      cache.prefill(l, Tokens::rows(tok.q, 0, prompt), Tokens::rows(tok.k, 0, prompt), Tokens::rows(tok.v, 0, prompt),
+                    pout);
+      trace.push_back(cache.positions(l, l % cfg.n_kv_heads));
+      outs.insert(outs.end(), pout.begin(), pout.end());
+    }
+    for (int t = prompt; t < total; ++t)
+      for (int l = 0; l < cfg.n_layers; ++l) {
+        cache.decode(l, tok.q[t], tok.k[t], tok.v[t], out);
+        trace.push_back(cache.positions(l, t % cfg.n_kv_heads));
+        outs.insert(outs.end(), out.begin(), out.end());
+      }
+    return std::make_pair(trace, outs);
+  };
+  const auto a = run(), b = run();
+  REQUIRE(a.first == b.first);
+  REQUIRE(a.second == b.second);
+}
+
 }  // namespace kvtest

@@ -110,17 +110,6 @@ KVTRIM_HOST_DEVICE inline float ems_cosine_from(float dot, float norm_a, float n
   return norm_a > 0.0f && norm_b > 0.0f ? dot / (norm_a * norm_b) : 0.0f;
 }
 
-// Cosine similarity of two rows (the CPU path computes the dots and norms with Eigen instead).
-KVTRIM_HOST_DEVICE inline float ems_cosine(const float* a, const float* b, int d) {
-  float ab = 0.0f, aa = 0.0f, bb = 0.0f;
-  for (int i = 0; i < d; ++i) {
-    ab += a[i] * b[i];
-    aa += a[i] * a[i];
-    bb += b[i] * b[i];
-  }
-  return ems_cosine_from(ab, std::sqrt(aa), std::sqrt(bb));
-}
-
 // The two merge coefficients a = w_dst / (w_dst + w_src), b = w_src / (w_dst + w_src); equal weights when the
 // sum is not positive.
 struct EmsMix {
