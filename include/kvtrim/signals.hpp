@@ -1,7 +1,10 @@
 // kvtrim: what a policy asks of the backend, and when it evicts.
 #pragma once
 
+#include <array>
 #include <cstdint>
+
+#include "params.hpp"
 
 namespace kvtrim {
 
@@ -30,5 +33,9 @@ enum class EvictTiming { kAfterAttention, kBeforeAttention };
 
 // How the scores of the query heads that share one KV head (GQA) become one score per KV slot.
 enum class GroupReduce { kMean, kSum, kMax };
+constexpr auto enum_names(GroupReduce) {
+  return std::array{EnumName<GroupReduce>{GroupReduce::kMean, "mean"}, EnumName<GroupReduce>{GroupReduce::kSum, "sum"},
+                    EnumName<GroupReduce>{GroupReduce::kMax, "max"}};
+}
 
 }  // namespace kvtrim

@@ -108,6 +108,7 @@ struct ScorerSlots {
 struct AccumulatedAttention {
   struct Params {
     GroupReduce reduce = GroupReduce::kMean;  // how the g query heads of a KV group combine
+    static constexpr auto fields() { return std::tuple{field("reduce", &Params::reduce)}; }
   };
   struct SlotMeta {
     float score = 0.0f;
@@ -145,6 +146,9 @@ struct HashScorer {
     int bits = 16;                    // code length (HashEvict default), 1..64
     std::uint64_t seed = 0x5EED;      // projection seed; layer l uses simhash_stream_seed(seed, l)
     GroupReduce reduce = GroupReduce::kSum;  // kSum/kMean: summed distances; kMax: the largest distance
+    static constexpr auto fields() {
+      return std::tuple{field("bits", &Params::bits), field("seed", &Params::seed), field("reduce", &Params::reduce)};
+    }
   };
   struct SlotMeta {
     std::uint64_t code = 0;  // SimHash code of the token's stored key
@@ -216,6 +220,15 @@ class Buzz {
     int thin_stride = 0;  // h: old samples keep every h-th; 0 = (chunk + 1) / 2 as official
     bool keep_oldest_on_tie = true;
     typename Scorer::Params scorer{};
+    static constexpr auto fields() {
+      return std::tuple{field("sinks", &Params::sinks),
+                        field("window", &Params::window),
+                        field("threshold", &Params::threshold),
+                        field("chunk", &Params::chunk),
+                        field("thin_stride", &Params::thin_stride),
+                        field("keep_oldest_on_tie", &Params::keep_oldest_on_tie),
+                        field("scorer", &Params::scorer)};
+    }
   };
   struct SlotMeta {
     typename Scorer::SlotMeta scorer{};

@@ -561,8 +561,9 @@ class EigenAttention : public detail::NeverEvictsOf<Inner> {
 
  public:
   struct Params {
-    std::shared_ptr<const EigenBasis> basis;
+    std::shared_ptr<const EigenBasis> basis;  // from calibration, not settable by name
     typename Inner::Params inner{};
+    static constexpr auto fields() { return std::tuple{field("inner", &Params::inner)}; }
   };
   using SlotMeta = typename Inner::SlotMeta;
   using HeadState = typename Inner::HeadState;

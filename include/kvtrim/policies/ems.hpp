@@ -87,6 +87,14 @@ KVTRIM_HOST_DEVICE inline void ems_observe(EmsTokenState& s, float p, float deca
 
 enum class EmsCombine { kMax, kMean, kGlobal, kLocal };
 enum class EmsMergeWeight { kMass, kCount };
+constexpr auto enum_names(EmsCombine) {
+  return std::array{EnumName<EmsCombine>{EmsCombine::kMax, "max"}, EnumName<EmsCombine>{EmsCombine::kMean, "mean"},
+                    EnumName<EmsCombine>{EmsCombine::kGlobal, "global"}, EnumName<EmsCombine>{EmsCombine::kLocal, "local"}};
+}
+constexpr auto enum_names(EmsMergeWeight) {
+  return std::array{EnumName<EmsMergeWeight>{EmsMergeWeight::kMass, "mass"},
+                    EnumName<EmsMergeWeight>{EmsMergeWeight::kCount, "count"}};
+}
 
 // GL score from the raw global average (G/n), the raw local score, and their maxima over the head.
 KVTRIM_HOST_DEVICE inline float ems_score(float global_avg, float local, float max_global_avg, float max_local,
@@ -165,6 +173,20 @@ struct Ems {
     bool merge_into_sinks = false;
     float coverage = 1.0f;
     float min_keep = 0.25f;
+    static constexpr auto fields() {
+      return std::tuple{field("sinks", &Params::sinks),
+                        field("recent", &Params::recent),
+                        field("local_window", &Params::local_window),
+                        field("combine", &Params::combine),
+                        field("reduce", &Params::reduce),
+                        field("merge_similarity", &Params::merge_similarity),
+                        field("evict_below", &Params::evict_below),
+                        field("merge_keys", &Params::merge_keys),
+                        field("merge_weight", &Params::merge_weight),
+                        field("merge_into_sinks", &Params::merge_into_sinks),
+                        field("coverage", &Params::coverage),
+                        field("min_keep", &Params::min_keep)};
+    }
   };
   using SlotMeta = EmsTokenState;
   struct HeadState {

@@ -11,7 +11,7 @@
 namespace kvtrim {
 
 struct FullCache {
-  struct Params {};
+  struct Params {};  // no fields
   struct SlotMeta {};
   struct HeadState {};
   static constexpr std::string_view kName = "full";

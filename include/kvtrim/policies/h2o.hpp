@@ -75,6 +75,10 @@ struct H2O {
     int sinks = 0;
     GroupReduce group_reduce = GroupReduce::kMean;
     bool normalize = false;
+    static constexpr auto fields() {
+      return std::tuple{field("heavy_ratio", &Params::heavy_ratio), field("sinks", &Params::sinks),
+                        field("group_reduce", &Params::group_reduce), field("normalize", &Params::normalize)};
+    }
   };
   struct SlotMeta {
     float score = 0.0f;     // accumulated (group-reduced) attention probability

@@ -47,6 +47,13 @@ namespace kvtrim {
 
 enum class HashProbe { kQuery, kKey };
 enum class HashPromptMode { kRecentGlobal, kHash };
+constexpr auto enum_names(HashProbe) {
+  return std::array{EnumName<HashProbe>{HashProbe::kQuery, "query"}, EnumName<HashProbe>{HashProbe::kKey, "key"}};
+}
+constexpr auto enum_names(HashPromptMode) {
+  return std::array{EnumName<HashPromptMode>{HashPromptMode::kRecentGlobal, "recent_global"},
+                    EnumName<HashPromptMode>{HashPromptMode::kHash, "hash"}};
+}
 
 // Distance of a stored code to the probe codes of one step: the sum of Hamming distances over n probes.
 KVTRIM_HOST_DEVICE inline int hash_probe_distance(const std::uint64_t* probes, int n, std::uint64_t code) {
@@ -63,6 +70,10 @@ struct HashEvict {
     HashProbe probe = HashProbe::kQuery;
     HashPromptMode prompt = HashPromptMode::kRecentGlobal;
     std::uint64_t seed = 0;
+    static constexpr auto fields() {
+      return std::tuple{field("bits", &Params::bits),   field("sinks", &Params::sinks), field("recent", &Params::recent),
+                        field("probe", &Params::probe), field("prompt", &Params::prompt), field("seed", &Params::seed)};
+    }
   };
   struct SlotMeta {
     std::uint64_t code = 0;  // SimHash code of the stored key

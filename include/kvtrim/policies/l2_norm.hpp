@@ -52,6 +52,10 @@ struct L2Norm {
     int sinks = 0;
     int recent = 0;
     std::vector<int> skip_layers = {};
+    static constexpr auto fields() {
+      return std::tuple{field("sinks", &Params::sinks), field("recent", &Params::recent),
+                        field("skip_layers", &Params::skip_layers)};
+    }
   };
   struct SlotMeta {
     float norm = 0.0f;

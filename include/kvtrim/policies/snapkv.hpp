@@ -53,6 +53,9 @@
 namespace kvtrim {
 
 enum class SnapPooling { kAvg, kMax };
+constexpr auto enum_names(SnapPooling) {
+  return std::array{EnumName<SnapPooling>{SnapPooling::kAvg, "avg"}, EnumName<SnapPooling>{SnapPooling::kMax, "max"}};
+}
 
 // Pooled vote of position j from votes[0..n): a `kernel`-wide window centred on j (kernel odd).
 KVTRIM_HOST_DEVICE inline float snapkv_pool_at(const float* votes, int n, int j, int kernel, SnapPooling how) {
@@ -104,6 +107,11 @@ struct SnapKV {
     GroupReduce group_reduce = GroupReduce::kMean;
     int capacity = 0;  // 0: the head's budget
     typename Decode::Params decode{};
+    static constexpr auto fields() {
+      return std::tuple{field("window", &Params::window),     field("kernel", &Params::kernel),
+                        field("pooling", &Params::pooling),   field("group_reduce", &Params::group_reduce),
+                        field("capacity", &Params::capacity), field("decode", &Params::decode)};
+    }
   };
   using SlotMeta = typename Decode::SlotMeta;
   struct HeadState {

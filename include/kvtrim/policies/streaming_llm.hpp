@@ -32,6 +32,7 @@ struct StreamingLLM {
   struct Params {
     int sinks = 4;
     int window = 0;  // 0: budget - sinks
+    static constexpr auto fields() { return std::tuple{field("sinks", &Params::sinks), field("window", &Params::window)}; }
   };
   struct SlotMeta {
     bool sink = false;

@@ -36,6 +36,10 @@ struct TOVA {
     GroupReduce group_reduce = GroupReduce::kMean;
     int sinks = 0;
     int recent = 0;
+    static constexpr auto fields() {
+      return std::tuple{field("group_reduce", &Params::group_reduce), field("sinks", &Params::sinks),
+                        field("recent", &Params::recent)};
+    }
   };
   struct SlotMeta {
     float attention = 0.0f;  // group-reduced probability from the latest query
