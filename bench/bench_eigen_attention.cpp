@@ -8,7 +8,7 @@
 //    next-token (top-1) agreement and mean |logit difference| against FullCache. Skipped when absent.
 // Benchmarks (one KV head, g = 4 query heads, head dim d = 128, n cached tokens, CPU time):
 //   BM_FullStep/n           KVCache<FullCache> decode step at full width (the reference)
-//   BM_LowRankStep/n/r      KVCache<EigenAttention<>> decode step with rank-r keys and values: this library's
+//   BM_LowRankStep/n/r      KVCache<PolicyNamed<"eigen+full">> decode step with rank-r keys and values: this library's
 //                           path (post-RoPE basis, queries projected, attention entirely in rank r)
 //   BM_RopeUpproject/n/r    the paper's Llama path overhead alone: K = K~ U_kᵀ for all n cached pre-RoPE
 //                           low-rank keys (n x r x d multiply-adds) and the RoPE rotation of the n keys at
@@ -97,7 +97,7 @@ void BM_LowRankStep(benchmark::State& state) {
   const int n = static_cast<int>(state.range(0)), r = static_cast<int>(state.range(1));
   auto basis = std::make_shared<kvtrim::EigenBasis>(1, 1, kD);
   basis->set(0, 0, random_orthonormal(kD, r, 2), random_orthonormal(kD, r, 3));
-  kvtrim::KVCache<kvtrim::EigenAttention<>> cache(one_head(n), {.basis = basis});
+  kvtrim::KVCache<kvtrim::PolicyNamed<"eigen+full">> cache(one_head(n), {.basis = basis});
   std::mt19937_64 gen(1);
   fill(cache, n, gen, &basis->key(0, 0), &basis->value(0, 0));
   auto q = normal(kGroup * kD, gen), k = normal(kD, gen), v = normal(kD, gen);
@@ -308,7 +308,7 @@ void model_report() {
       std::size_t agree = 0, total = 0;
       double dlogit = 0;
       for (std::size_t w = n_calib; w < windows.size(); ++w) {
-        kvtrim::KVCache<kvtrim::EigenAttention<>> cache(shape, {.basis = basis});
+        kvtrim::KVCache<kvtrim::PolicyNamed<"eigen+full">> cache(shape, {.basis = basis});
         std::vector<float> logits(windows[w].size() * V);
         tf.prefill(cache, windows[w], logits);
         const auto& r = ref[w - n_calib];

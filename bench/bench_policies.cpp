@@ -6,8 +6,6 @@
 //         step_us, full_us     medians of the two
 //         bookkeeping_share    (step - full) / step: everything the policy adds to a decode step
 //                              (scoring, selection, state update, merges, and their cache misses)
-//         hook_share           median time inside the policy's hooks (timed on alternate iterations) /
-//                              median step: the policy's own code, directly
 //         kept                 tokens the step attended over
 //       cold = 0: caches warm (the head's K, V and metadata stay in L2/L3 from step to step: the fastest
 //       attention gets, so the shares are upper bounds). cold = 1: a 64 MiB read evicts the caches before
@@ -21,17 +19,20 @@
 //       (target <= 1.1), and mem_ratio_64k = bytes reserved at 64K / at 4K.
 //   BM_Prefill_<policy>/T  prompt of T tokens (d 128, one query head per KV head), budget T/4 (FullCache:
 //       T), compression included: tokens_per_s.
+//   Every registered policy that needs no calibration runs, with the registry's parameters (registry.hpp).
+#include <kvtrim/registry.hpp>
+
 #include "bench_util.hpp"
 
 namespace {
 
-using kvbench::Timed;
 using kvbench::Xorshift;
 
 constexpr int kGroup = 4;
 
+// Never-evicting policies (in decode) are benchmarked at a fixed size: the newest token leaves after each step.
 template <class P>
-constexpr bool kNeverEvicts = requires { P::kNeverEvicts; };
+constexpr bool kNeverEvicts = kvtrim::never_evicts_in_decode<P>();
 
 template <class Cache>
 double timed_decode(Cache& cache, kvbench::Token& tok) {
@@ -48,13 +49,13 @@ void flush_caches() {
 }
 
 template <class P>
-void BM_Step(benchmark::State& state) {
+void BM_Step(benchmark::State& state, typename P::Params params) {
   const int budget = static_cast<int>(state.range(0)), d = static_cast<int>(state.range(1));
   const bool cold = state.range(2) != 0;
   constexpr bool kFull = kNeverEvicts<P>;
   kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 1, .n_q_heads = kGroup, .head_dim = d,
                           .budget = kFull ? budget + 1 : budget};
-  kvtrim::KVCache<Timed<P>> cache(cfg, kvbench::bench_params<P>());
+  kvtrim::KVCache<P> cache(cfg, params);
   kvtrim::CacheConfig full_cfg = cfg;
   full_cfg.budget = budget + 2;
   kvtrim::KVCache<kvtrim::FullCache> full(full_cfg);
@@ -77,44 +78,37 @@ void BM_Step(benchmark::State& state) {
     cache.decode(0, tok.q, tok.k, tok.v, tok.out);
     if constexpr (kFull) head.remove(head.size() - 1);
   }
-  std::vector<double> pol, ref, hooks;
-  pol.reserve(1024), ref.reserve(1024), hooks.reserve(1024);
-  auto& clock = kvbench::hook_clock();
-  long it = 0;
+  std::vector<double> pol, ref;
+  pol.reserve(1024), ref.reserve(1024);
   int attended = 0;
   for (auto _ : state) {
     tok.refresh(rng);
-    const bool time_hooks = (it++ & 1) != 0;
-    clock.seconds = 0;
-    clock.enabled = time_hooks;
     const int before = head.size();
     if (cold) flush_caches();
     const double t = timed_decode(cache, tok);
-    clock.enabled = false;
     if constexpr (kFull) head.remove(head.size() - 1);
     attended = P::kTiming == kvtrim::EvictTiming::kAfterAttention ? before + 1 : head.size();
-    (time_hooks ? hooks : pol).push_back(time_hooks ? clock.seconds : t);
+    pol.push_back(t);
     state.SetIterationTime(t);
     // The same step with FullCache over exactly as many tokens.
     kvbench::hold_size(full, attended - 1, rng, row);
     if (cold) flush_caches();
     ref.push_back(timed_decode(full, tok));
   }
-  const double step = kvbench::median(pol), base = kvbench::median(ref), hook = kvbench::median(hooks);
+  const double step = kvbench::median(pol), base = kvbench::median(ref);
   state.counters["step_us"] = step * 1e6;
   state.counters["full_us"] = base * 1e6;
   state.counters["bookkeeping_share"] = step > 0 ? (step - base) / step : 0;
-  state.counters["hook_share"] = step > 0 ? hook / step : 0;
   state.counters["kept"] = attended;
 }
 
 template <class P>
-void BM_Scaling(benchmark::State& state) {
+void BM_Scaling(benchmark::State& state, typename P::Params params) {
   const int budget = 1024, d = 64;
   kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 1, .n_q_heads = kGroup, .head_dim = d, .budget = budget};
   Xorshift rng(21);
   for (auto _ : state) {
-    kvtrim::KVCache<P> cache(cfg, kvbench::bench_params<P>());
+    kvtrim::KVCache<P> cache(cfg, params);
     kvbench::Token tok(cfg, rng);
     {
       const int T = budget;
@@ -159,11 +153,11 @@ void BM_Scaling(benchmark::State& state) {
 }
 
 template <class P>
-void BM_Prefill(benchmark::State& state) {
+void BM_Prefill(benchmark::State& state, typename P::Params params) {
   const int T = static_cast<int>(state.range(0)), d = 128;
   kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 1, .n_q_heads = 1, .head_dim = d,
                           .budget = kNeverEvicts<P> ? T : std::max(128, T / 4)};
-  kvtrim::KVCache<P> cache(cfg, kvbench::bench_params<P>());
+  kvtrim::KVCache<P> cache(cfg, params);
   Xorshift rng(31);
   auto Q = rng.vec(static_cast<std::size_t>(T) * d), K = rng.vec(Q.size()), V = rng.vec(Q.size());
   std::vector<float> out(Q.size());
@@ -178,31 +172,43 @@ void BM_Prefill(benchmark::State& state) {
   state.counters["kept"] = cache.size(0, 0);
 }
 
-#define KVBENCH_REGISTER(Type, name)                                                               \
-  BENCHMARK(BM_Step<Type>)                                                                         \
-      ->Name("BM_Step_" #name)                                                                     \
-      ->ArgNames({"budget", "d", "cold"})                                                          \
-      ->ArgsProduct({{256, 1024, 4096}, {64, 128}, {0}})                                           \
-      ->UseManualTime()                                                                            \
-      ->Iterations(400)                                                                            \
-      ->Unit(benchmark::kMicrosecond);                                                             \
-  BENCHMARK(BM_Step<Type>)                                                                         \
-      ->Name("BM_Step_" #name)                                                                     \
-      ->ArgNames({"budget", "d", "cold"})                                                          \
-      ->ArgsProduct({{256, 1024, 4096}, {64, 128}, {1}})                                           \
-      ->UseManualTime()                                                                            \
-      ->Iterations(60)                                                                             \
-      ->Unit(benchmark::kMicrosecond);                                                             \
-  BENCHMARK(BM_Prefill<Type>)->Name("BM_Prefill_" #name)->ArgName("T")->Arg(512)->Arg(2048)->Arg(8192) \
-      ->Unit(benchmark::kMillisecond)->MinTime(0.1);
-
-#define KVBENCH_REGISTER_SCALING(Type, name) \
-  BENCHMARK(BM_Scaling<Type>)->Name("BM_Scaling_" #name)->UseManualTime()->Iterations(1)->Unit(benchmark::kMicrosecond);
-
-KVBENCH_REGISTER(kvtrim::FullCache, full)
-KVBENCH_FOR_EACH_EVICTING(KVBENCH_REGISTER)
-KVBENCH_FOR_EACH_EVICTING(KVBENCH_REGISTER_SCALING)
+// Every registered policy that needs no calibrated basis, with the registry's parameters.
+void register_all() {
+  kvtrim::for_each_policy([](const auto& entry) {
+    using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+    if constexpr (!kvtrim::Entry<P>::kNeedsBasis) {
+      const std::string name(entry.name());
+      const auto params = entry.params();
+      for (int cold : {0, 1})
+        benchmark::RegisterBenchmark(("BM_Step_" + name).c_str(), BM_Step<P>, params)
+            ->ArgNames({"budget", "d", "cold"})
+            ->ArgsProduct({{256, 1024, 4096}, {64, 128}, {cold}})
+            ->UseManualTime()
+            ->Iterations(cold ? 60 : 400)
+            ->Unit(benchmark::kMicrosecond);
+      benchmark::RegisterBenchmark(("BM_Prefill_" + name).c_str(), BM_Prefill<P>, params)
+          ->ArgName("T")
+          ->Arg(512)
+          ->Arg(2048)
+          ->Arg(8192)
+          ->Unit(benchmark::kMillisecond)
+          ->MinTime(0.1);
+      if constexpr (!kNeverEvicts<P>)
+        benchmark::RegisterBenchmark(("BM_Scaling_" + name).c_str(), BM_Scaling<P>, params)
+            ->UseManualTime()
+            ->Iterations(1)
+            ->Unit(benchmark::kMicrosecond);
+    }
+  });
+}
 
 }  // namespace
 
-BENCHMARK_MAIN();
+int main(int argc, char** argv) {
+  register_all();
+  benchmark::Initialize(&argc, argv);
+  if (benchmark::ReportUnrecognizedArguments(argc, argv)) return 1;
+  benchmark::RunSpecifiedBenchmarks();
+  benchmark::Shutdown();
+  return 0;
+}

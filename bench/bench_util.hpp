@@ -1,6 +1,6 @@
 // Shared helpers for kvtrim's Google Benchmark programs: the machine's streaming read bandwidth (measured
-// in the same process), cheap deterministic data, a FullCache filled without paying O(n^2) attention, a
-// policy wrapper that times the policy's own hooks, and the list of policies that exist in this tree.
+// in the same process), cheap deterministic data, and a FullCache filled without paying O(n^2) attention.
+// The list of policies is the registry's (kvtrim/registry.hpp).
 #pragma once
 
 #include <benchmark/benchmark.h>
@@ -19,40 +19,6 @@
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
 #include <immintrin.h>
 #define KVBENCH_X86 1
-#endif
-
-// Policies appear here as their headers land (each block compiles only when the header exists).
-#if __has_include(<kvtrim/policies/h2o.hpp>)
-#include <kvtrim/policies/h2o.hpp>
-#define KVBENCH_HAS_H2O 1
-#endif
-#if __has_include(<kvtrim/policies/tova.hpp>)
-#include <kvtrim/policies/tova.hpp>
-#define KVBENCH_HAS_TOVA 1
-#endif
-#if __has_include(<kvtrim/policies/snapkv.hpp>)
-#include <kvtrim/policies/snapkv.hpp>
-#define KVBENCH_HAS_SNAPKV 1
-#endif
-#if __has_include(<kvtrim/policies/l2_norm.hpp>)
-#include <kvtrim/policies/l2_norm.hpp>
-#define KVBENCH_HAS_L2 1
-#endif
-#if __has_include(<kvtrim/policies/hash_evict.hpp>)
-#include <kvtrim/policies/hash_evict.hpp>
-#define KVBENCH_HAS_HASH 1
-#endif
-#if __has_include(<kvtrim/policies/buzz.hpp>)
-#include <kvtrim/policies/buzz.hpp>
-#define KVBENCH_HAS_BUZZ 1
-#endif
-#if __has_include(<kvtrim/policies/ems.hpp>)
-#include <kvtrim/policies/ems.hpp>
-#define KVBENCH_HAS_EMS 1
-#endif
-#if __has_include(<kvtrim/policies/eigen_attention.hpp>)
-#include <kvtrim/policies/eigen_attention.hpp>
-#define KVBENCH_HAS_EIGEN 1
 #endif
 
 namespace kvbench {
@@ -201,100 +167,6 @@ void hold_size(Cache& cache, int n, Xorshift& rng, std::vector<float>& row) {
     }
 }
 
-// ---- timing a policy's own work ------------------------------------------------------------------------
-
-// Seconds spent inside the wrapped policy's decode hooks (and projections) while `enabled`.
-struct HookClock {
-  double seconds = 0;
-  bool enabled = false;
-};
-inline HookClock& hook_clock() {
-  static HookClock c;
-  return c;
-}
-
-template <class P>
-concept Projects = requires(const P& p, const float* in, float* out) {
-  p.key_width(0);
-  p.project_key(0, in, out);
-};
-template <class P>
-struct NeverEvictsTag {};
-template <class P>
-  requires requires { P::kNeverEvicts; }
-struct NeverEvictsTag<P> {
-  static constexpr bool kNeverEvicts = P::kNeverEvicts;
-};
-
-// Forwards everything to P and adds the time spent in on_insert, on_attention, evict (and, for policies
-// with low-rank storage, the projections) to hook_clock() when it is enabled. The hooks see the same
-// HeadStore type as P's, so the wrapped cache behaves exactly like KVCache<P>.
-template <class P>
-struct Timed : NeverEvictsTag<P> {
-  using Params = typename P::Params;
-  using SlotMeta = typename P::SlotMeta;
-  using HeadState = typename P::HeadState;
-  using Head = kvtrim::HeadOf<P>;
-  static constexpr std::string_view kName = P::kName;
-  static constexpr kvtrim::Signals kSignals = P::kSignals;
-  static constexpr kvtrim::EvictTiming kTiming = P::kTiming;
-
-  Timed(const Params& p, const kvtrim::LayerContext& ctx) : inner(p, ctx) {}
-  int prompt_window() const { return inner.prompt_window(); }
-  template <class F>
-  static void timed(F&& f) {
-    HookClock& c = hook_clock();
-    if (!c.enabled) return f();
-    const auto t0 = Clock::now();
-    f();
-    c.seconds += seconds_since(t0);
-  }
-  void on_insert(HeadState& s, Head& h, const kvtrim::StepContext& st) {
-    timed([&] { inner.on_insert(s, h, st); });
-  }
-  void on_attention(HeadState& s, Head& h, const kvtrim::StepContext& st, const kvtrim::AttentionRows& r) {
-    timed([&] { inner.on_attention(s, h, st, r); });
-  }
-  void evict(HeadState& s, Head& h, const kvtrim::StepContext& st) {
-    timed([&] { inner.evict(s, h, st); });
-  }
-  void on_prompt(HeadState& s, Head& h, const kvtrim::PromptContext& pr) { inner.on_prompt(s, h, pr); }
-
-  int key_width(int kv) const requires Projects<P> { return inner.key_width(kv); }
-  int value_width(int kv) const requires Projects<P> { return inner.value_width(kv); }
-  void project_key(int kv, const float* in, float* out) const requires Projects<P> {
-    timed([&] { inner.project_key(kv, in, out); });
-  }
-  void project_value(int kv, const float* in, float* out) const requires Projects<P> {
-    timed([&] { inner.project_value(kv, in, out); });
-  }
-  void project_queries(int kv, int g, const float* in, float* out) const requires Projects<P> {
-    timed([&] { inner.project_queries(kv, g, in, out); });
-  }
-  void unproject_outputs(int kv, int g, const float* in, float* out) const requires Projects<P> {
-    timed([&] { inner.unproject_outputs(kv, g, in, out); });
-  }
-
-  P inner;
-};
-
-// Parameters a benchmark uses for P: the defaults, except where the defaults need a larger budget than
-// the smallest one benchmarked (BUZZ's official window 160 + threshold 400 needs 564: derive both from
-// the budget instead, in the official 2:5 proportion).
-template <class P>
-typename P::Params bench_params() {
-  return {};
-}
-#ifdef KVBENCH_HAS_BUZZ
-template <>
-inline kvtrim::Buzz<>::Params bench_params<kvtrim::Buzz<>>() {
-  kvtrim::Buzz<>::Params p;
-  p.window = 0;
-  p.threshold = 0;
-  return p;
-}
-#endif
-
 // Median of a sample (copies; not on a timed path).
 inline double median(std::vector<double> x) {
   if (x.empty()) return 0;
@@ -312,47 +184,3 @@ inline void report_bandwidth(benchmark::State& state, double bytes_per_step, dou
 }
 
 }  // namespace kvbench
-
-// Calls M(Type, "name") for every evicting policy present in this tree (FullCache is the reference).
-#define KVBENCH_EVICTING_BASE(M) M(kvtrim::StreamingLLM, streaming)
-#ifdef KVBENCH_HAS_H2O
-#define KVBENCH_P_H2O(M) M(kvtrim::H2O, h2o)
-#else
-#define KVBENCH_P_H2O(M)
-#endif
-#ifdef KVBENCH_HAS_TOVA
-#define KVBENCH_P_TOVA(M) M(kvtrim::TOVA, tova)
-#else
-#define KVBENCH_P_TOVA(M)
-#endif
-#ifdef KVBENCH_HAS_SNAPKV
-#define KVBENCH_P_SNAPKV(M) M(kvtrim::SnapKV<kvtrim::StreamingLLM>, snapkv_streaming)
-#else
-#define KVBENCH_P_SNAPKV(M)
-#endif
-#ifdef KVBENCH_HAS_L2
-#define KVBENCH_P_L2(M) M(kvtrim::L2Norm, l2_norm)
-#else
-#define KVBENCH_P_L2(M)
-#endif
-#ifdef KVBENCH_HAS_HASH
-#define KVBENCH_P_HASH(M) M(kvtrim::HashEvict, hash_evict)
-#else
-#define KVBENCH_P_HASH(M)
-#endif
-#ifdef KVBENCH_HAS_BUZZ
-#define KVBENCH_P_BUZZ(M) M(kvtrim::Buzz<>, buzz)
-#else
-#define KVBENCH_P_BUZZ(M)
-#endif
-#ifdef KVBENCH_HAS_EMS
-#define KVBENCH_P_EMS(M) M(kvtrim::Ems, ems)
-#else
-#define KVBENCH_P_EMS(M)
-#endif
-// EigenAttention needs a calibrated basis (Params::basis), so it is not in the generic list.
-#define KVBENCH_P_EIGEN(M)
-#define KVBENCH_FOR_EACH_EVICTING(M)                                                                      \
-  KVBENCH_EVICTING_BASE(M)                                                                                \
-  KVBENCH_P_H2O(M) KVBENCH_P_TOVA(M) KVBENCH_P_SNAPKV(M) KVBENCH_P_L2(M) KVBENCH_P_HASH(M) KVBENCH_P_BUZZ(M) \
-      KVBENCH_P_EMS(M) KVBENCH_P_EIGEN(M)

@@ -6,6 +6,7 @@
 #include <string>
 #include <type_traits>
 
+#include "property.hpp"
 #include "testing.hpp"
 
 namespace {
@@ -21,25 +22,17 @@ struct PositionScorer {
   struct SlotMeta {
     float s = 0.0f;
   };
-  struct HeadState {};
+  struct State {};
   static constexpr std::string_view kBuzzName = "buzz-test";
   static constexpr kvtrim::Signals kSignals = kvtrim::Signals::kNone;
   PositionScorer(const Params&, const kvtrim::LayerContext&) {}
+  State initial() const { return {}; }
   static float value(std::int64_t pos) {
     return static_cast<float>(kvtrim::splitmix64_mix(static_cast<std::uint64_t>(pos) * 7919u) % 5u);
   }
-  template <class Slots>
-  void on_insert(HeadState&, Slots& slots, const kvtrim::StepContext& step) const {
-    slots.meta(step.slot).s = value(step.position);
-  }
-  template <class Slots>
-  void on_attention(HeadState&, Slots&, const kvtrim::StepContext&, const kvtrim::AttentionRows&) const {}
-  template <class Slots>
-  void on_prompt(HeadState&, Slots&, const kvtrim::PromptContext&) const {}
-  template <class Slots>
-  float score(const HeadState&, const Slots& slots, int i) const {
-    return slots.meta(i).s;
-  }
+  static void on_insert(State&, SlotMeta& m, std::int64_t pos, const kvtrim::TokenInputs&) { m.s = value(pos); }
+  static void on_prompt(const State&, SlotMeta&, int, const kvtrim::PromptSums&) {}
+  static float score(const State&, const SlotMeta& m) { return m.s; }
 };
 
 // ---- the slow reference: tokens in a position-ordered list, re-segmented with plain loops --------------
@@ -312,7 +305,7 @@ TEST_CASE("BUZZ with accumulated attention matches a slow double-precision refer
   REQUIRE(cache.size(0, 0) <= 36);
 }
 
-TEST_CASE("BUZZ with the HashEvict scorer matches a reference with its own SimHash loop") {
+TEST_CASE("BUZZ with the SimHash scorer matches a reference with its own SimHash loop") {
   using HB = Buzz<kvtrim::HashScorer>;
   const auto reduce = GENERATE(kvtrim::GroupReduce::kSum, kvtrim::GroupReduce::kMax);
   const bool oldest = GENERATE(true, false);
@@ -430,4 +423,43 @@ TEST_CASE("BUZZ rejects bad parameters with kvtrim::Error naming them") {
                   kvtrim::Error);
   CHECK_THROWS_AS((KVCache<Buzz<kvtrim::HashScorer>>(cfg, {.window = 0, .threshold = 0, .scorer = {.bits = 65}})),
                   kvtrim::Error);
+}
+
+namespace {
+template <class Scorer>
+struct BuzzSpecT : kvtest::prop::SpecBase<kvtrim::Buzz<Scorer>> {
+  using Policy = kvtrim::Buzz<Scorer>;
+  static constexpr const char* kLabel = std::is_same_v<Scorer, kvtrim::HashScorer> ? "Buzz<HashScorer>" : "Buzz";
+  static constexpr int kMinBudget = 3;
+  static typename Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    typename Policy::Params p;
+    p.sinks = rng.uniform_int(0, std::min(3, min_budget - 3));
+    p.window = rng.uniform_int(1, std::min(4, min_budget - p.sinks - 2));
+    p.threshold = rng.uniform_int(2, min_budget - p.sinks - p.window);
+    p.chunk = rng.uniform_int(2, 4);
+    p.thin_stride = p.chunk == 2 ? 2 : 0;
+    p.keep_oldest_on_tie = rng.uniform_int(0, 1) == 1;
+    if constexpr (std::is_same_v<Scorer, kvtrim::HashScorer>) {
+      p.scorer.bits = rng.uniform_int(1, 64);
+      p.scorer.reduce = kvtest::prop::any_reduce(rng);
+    } else {
+      p.scorer.reduce = kvtest::prop::any_reduce(rng);
+    }
+    return p;
+  }
+  // The first `sinks` tokens sent and the `window` newest.
+  static kvtest::prop::Seen must_keep(const typename Policy::Params& p, int, const kvtest::prop::Seen& seen) {
+    kvtest::prop::Seen out(seen.begin(),
+                           seen.begin() + std::min<std::ptrdiff_t>(p.sinks, static_cast<std::ptrdiff_t>(seen.size())));
+    for (std::size_t i = seen.size() > static_cast<std::size_t>(p.window) ? seen.size() - p.window : 0;
+         i < seen.size(); ++i)
+      if (i >= static_cast<std::size_t>(p.sinks)) out.push_back(seen[i]);
+    return out;
+  }
+};
+}  // namespace
+
+TEMPLATE_TEST_CASE("BUZZ: random prefill/decode/reset sequences agree with the reference model", "[buzz][property]",
+                   kvtrim::AccumulatedAttention, kvtrim::HashScorer) {
+  kvtest::prop::require_properties<BuzzSpecT<TestType>>(1);
 }

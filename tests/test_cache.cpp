@@ -1,4 +1,5 @@
 // The cache itself: baselines, budgets, memory, positions and configuration errors.
+#include "property.hpp"
 #include "testing.hpp"
 
 using kvtest::Tokens;
@@ -170,4 +171,40 @@ TEST_CASE("mismatched input shapes and bad indices throw before any change", "[c
   REQUIRE_THROWS_WITH(cache.decode(0, q, k, v, out), Contains("q[31] is inf"));
   REQUIRE(cache.size(0, 0) == 0);
   REQUIRE(cache.next_position(0) == 0);
+}
+
+// ---- the property harness (property.hpp) on the two score-free policies ----------------------------------
+
+namespace {
+using kvtest::prop::Seen;
+
+struct FullSpec : kvtest::prop::SpecBase<kvtrim::FullCache> {
+  static constexpr const char* kLabel = "FullCache";
+  static Policy::Params params(kvtest::Rng&, const CacheConfig&, int) { return {}; }
+  static std::optional<Seen> expected(const Policy::Params&, int, const Seen& seen) { return seen; }
+};
+
+struct StreamingSpec : kvtest::prop::SpecBase<kvtrim::StreamingLLM> {
+  static constexpr const char* kLabel = "StreamingLLM";
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    Policy::Params p;
+    p.sinks = rng.uniform_int(0, min_budget - 1);
+    p.window = rng.uniform_int(0, 1) ? 0 : rng.uniform_int(1, min_budget - p.sinks);
+    return p;
+  }
+  // The first `sinks` tokens sent and the newest (capacity - sinks), capacity = sinks + window or the budget.
+  static std::optional<Seen> expected(const Policy::Params& p, int budget, const Seen& seen) {
+    const std::size_t cap = static_cast<std::size_t>(p.window > 0 ? p.sinks + p.window : budget);
+    if (seen.size() <= cap) return seen;
+    const std::size_t sinks = static_cast<std::size_t>(p.sinks);
+    Seen keep(seen.begin(), seen.begin() + static_cast<std::ptrdiff_t>(sinks));
+    keep.insert(keep.end(), seen.end() - static_cast<std::ptrdiff_t>(cap - sinks), seen.end());
+    return keep;
+  }
+};
+}  // namespace
+
+TEMPLATE_TEST_CASE("random prefill/decode/reset sequences agree with the reference model (10^5 steps)",
+                   "[property]", FullSpec, StreamingSpec) {
+  kvtest::prop::require_properties<TestType>(1);
 }

@@ -1,6 +1,7 @@
 // Eigen Attention: calibration (rank rule, energy measures), basis files, low-rank storage, and its
-// composition with eviction policies (FullCache, StreamingLLM, H2O).
+// composition with eviction policies (FullCache, StreamingLLM, the registry's eigen+h2o).
 #include <kvtrim/policies/eigen_attention.hpp>
+#include <kvtrim/registry.hpp>
 
 #include <Eigen/QR>
 #include <cstdio>
@@ -9,12 +10,9 @@
 #include <memory>
 #include <string>
 
+#include "property.hpp"
 #include "testing.hpp"
 
-#if __has_include(<kvtrim/policies/h2o.hpp>)
-#include <kvtrim/policies/h2o.hpp>
-#define KVTEST_HAVE_H2O 1
-#endif
 
 using kvtest::Tokens;
 using kvtrim::CacheConfig;
@@ -477,18 +475,18 @@ TEST_CASE("EigenAttention<StreamingLLM> keeps what StreamingLLM keeps on the pro
   check_matches_inner_on_subspace<kvtrim::StreamingLLM>({.sinks = 3}, 30, 90, 20, 31);
 }
 
-#ifdef KVTEST_HAVE_H2O
-TEST_CASE("EigenAttention<H2O> keeps what H2O keeps on the projected inputs", "[eigen][composition][h2o]") {
-  static_assert(std::is_same_v<kvtrim::HeadOf<EigenAttention<kvtrim::H2O>>, kvtrim::HeadOf<kvtrim::H2O>>);
-  STATIC_REQUIRE(EigenAttention<kvtrim::H2O>::kSignals == kvtrim::H2O::kSignals);
-  kvtrim::H2O::Params p;
+TEST_CASE("the registry's eigen+h2o keeps what its inner policy keeps on the projected inputs", "[eigen][composition]") {
+  using Composed = kvtrim::PolicyNamed<"eigen+h2o">;
+  using Inner = Composed::InnerPolicy;
+  static_assert(std::is_same_v<Composed::SlotMeta, Inner::SlotMeta>);
+  STATIC_REQUIRE(Composed::kSignals == Inner::kSignals);
+  Inner::Params p;
   p.heavy_ratio = 0.5;
-  check_matches_inner_on_subspace<kvtrim::H2O>(p, 40, 110, 24, 41);
+  check_matches_inner_on_subspace<Inner>(p, 40, 110, 24, 41);
   p.sinks = 2;
   p.heavy_ratio = 0.75;
-  check_matches_inner_on_subspace<kvtrim::H2O>(p, 0, 80, 16, 43);
+  check_matches_inner_on_subspace<Inner>(p, 0, 80, 16, 43);
 }
-#endif
 
 TEST_CASE("EigenAttention<FullCache> refuses tokens beyond its capacity like FullCache", "[eigen][composition]") {
   STATIC_REQUIRE(EigenAttention<>::kNeverEvicts);
@@ -652,4 +650,22 @@ TEST_CASE("bad bases and mismatched caches throw kvtrim::Error", "[eigen][errors
   // Inner's own parameters are still validated.
   REQUIRE_THROWS_WITH(KVCache<EA>(cfg, {std::make_shared<const EigenBasis>(2, 2, 8), {.sinks = 16}}),
                       Contains("sinks"));
+}
+
+namespace {
+// Full-rank identity bases: storage is exact, so EigenAttention<FullCache> must keep everything it is sent.
+struct EigenFullSpec : kvtest::prop::SpecBase<EigenAttention<>> {
+  static constexpr const char* kLabel = "EigenAttention<FullCache> (identity basis)";
+  static Policy::Params params(kvtest::Rng&, const kvtrim::CacheConfig& c, int) {
+    return {.basis = std::make_shared<const kvtrim::EigenBasis>(c.n_layers, c.n_kv_heads, c.head_dim), .inner = {}};
+  }
+  static std::optional<kvtest::prop::Seen> expected(const Policy::Params&, int, const kvtest::prop::Seen& seen) {
+    return seen;
+  }
+};
+}  // namespace
+
+TEST_CASE("EigenAttention: random prefill/decode/reset sequences agree with the reference model",
+          "[eigen][property]") {
+  kvtest::prop::require_properties<EigenFullSpec>(1);
 }

@@ -4,6 +4,7 @@
 
 #include <map>
 
+#include "property.hpp"
 #include "testing.hpp"
 
 using kvtest::Tokens;
@@ -334,4 +335,23 @@ TEST_CASE("H2O rejects bad parameters with kvtrim::Error", "[h2o][errors]") {
   REQUIRE_THROWS_WITH((KVCache<H2O>(cfg, {.sinks = -1})), Contains("sinks must be >= 0, got -1"));
   REQUIRE_THROWS_WITH((KVCache<H2O>(cfg, {.sinks = 8})), Contains("sinks (8) must be smaller than the budget 8"));
   REQUIRE_NOTHROW((KVCache<H2O>(cfg, {.sinks = 7})));
+}
+
+namespace {
+// recent = budget - sinks - floor(heavy_ratio * (budget - sinks)), as the header states.
+struct H2OSpec : kvtest::prop::SpecBase<H2O> {
+  static constexpr const char* kLabel = "H2O";
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    return {.heavy_ratio = rng.uniform_int(0, 10) / 10.0, .sinks = rng.uniform_int(0, min_budget - 1),
+            .group_reduce = kvtest::prop::any_reduce(rng), .normalize = rng.uniform_int(0, 1) == 1};
+  }
+  static kvtest::prop::Seen must_keep(const Policy::Params& p, int budget, const kvtest::prop::Seen& seen) {
+    const int heavy = static_cast<int>(std::floor(p.heavy_ratio * (budget - p.sinks) + 1e-9));
+    return kvtest::prop::protected_positions(seen, p.sinks, budget - p.sinks - heavy);
+  }
+};
+}  // namespace
+
+TEST_CASE("H2O: random prefill/decode/reset sequences agree with the reference model", "[h2o][property]") {
+  kvtest::prop::require_properties<H2OSpec>(1);
 }

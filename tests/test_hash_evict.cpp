@@ -7,6 +7,7 @@
 
 #include <cstdio>
 
+#include "property.hpp"
 #include "testing.hpp"
 
 using kvtest::Tokens;
@@ -489,4 +490,28 @@ TEST_CASE("HashEvict's query-probe victim approaches the lowest-cosine key as bi
   REQUIRE(rate[0] > chance);      // even 4 bits carry information
   REQUIRE(mean_rank[4] < mean_rank[0]);  // victims rank lower in cosine with more bits
   REQUIRE(mean_rank[0] < (budget - 1) / 2.0);
+}
+
+namespace {
+struct HashSpec : kvtest::prop::SpecBase<HashEvict> {
+  static constexpr const char* kLabel = "HashEvict";
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    Policy::Params p;
+    p.bits = rng.uniform_int(1, 64);
+    p.sinks = rng.uniform_int(0, (min_budget - 1) / 2);
+    p.recent = rng.uniform_int(0, min_budget - 1 - p.sinks);
+    p.probe = static_cast<HashProbe>(rng.uniform_int(0, 1));
+    p.prompt = static_cast<HashPromptMode>(rng.uniform_int(0, 1));
+    p.seed = static_cast<std::uint64_t>(rng.uniform_int(0, 1000));
+    return p;
+  }
+  // The `recent` tokens before the new one and the new one itself: positions > newest - (recent + 1).
+  static kvtest::prop::Seen must_keep(const Policy::Params& p, int, const kvtest::prop::Seen& seen) {
+    return kvtest::prop::protected_positions(seen, p.sinks, p.recent + 1);
+  }
+};
+}  // namespace
+
+TEST_CASE("HashEvict: random prefill/decode/reset sequences agree with the reference model", "[hash][property]") {
+  kvtest::prop::require_properties<HashSpec>(1);
 }

@@ -5,6 +5,7 @@
 
 #include <map>
 
+#include "property.hpp"
 #include "testing.hpp"
 
 using kvtest::Tokens;
@@ -320,4 +321,23 @@ TEST_CASE("L2Norm rejects bad parameters with a message", "[l2][errors]") {
   REQUIRE_THROWS_WITH(make({.sinks = 1, .recent = 2}, per_head), Contains("budget 3 of layer 1 KV head 1"));
   REQUIRE_NOTHROW(make({.sinks = 1, .recent = 1}, per_head));
   REQUIRE_THROWS_AS(make({.sinks = 9}, cfg), kvtrim::Error);
+}
+
+namespace {
+struct L2Spec : kvtest::prop::SpecBase<L2Norm> {
+  static constexpr const char* kLabel = "L2Norm";
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    Policy::Params p;
+    p.sinks = rng.uniform_int(0, (min_budget - 1) / 2);
+    p.recent = rng.uniform_int(0, min_budget - 1 - p.sinks);
+    return p;
+  }
+  static kvtest::prop::Seen must_keep(const Policy::Params& p, int, const kvtest::prop::Seen& seen) {
+    return kvtest::prop::protected_positions(seen, p.sinks, p.recent);
+  }
+};
+}  // namespace
+
+TEST_CASE("L2Norm: random prefill/decode/reset sequences agree with the reference model", "[l2][property]") {
+  kvtest::prop::require_properties<L2Spec>(1);
 }

@@ -8,34 +8,6 @@
 #include <cstdlib>
 #include <new>
 
-#if __has_include(<kvtrim/policies/h2o.hpp>)
-#include <kvtrim/policies/h2o.hpp>
-#define KVTEST_HAS_H2O 1
-#endif
-#if __has_include(<kvtrim/policies/tova.hpp>)
-#include <kvtrim/policies/tova.hpp>
-#define KVTEST_HAS_TOVA 1
-#endif
-#if __has_include(<kvtrim/policies/snapkv.hpp>)
-#include <kvtrim/policies/snapkv.hpp>
-#define KVTEST_HAS_SNAPKV 1
-#endif
-#if __has_include(<kvtrim/policies/l2_norm.hpp>)
-#include <kvtrim/policies/l2_norm.hpp>
-#define KVTEST_HAS_L2 1
-#endif
-#if __has_include(<kvtrim/policies/hash_evict.hpp>)
-#include <kvtrim/policies/hash_evict.hpp>
-#define KVTEST_HAS_HASH 1
-#endif
-#if __has_include(<kvtrim/policies/buzz.hpp>)
-#include <kvtrim/policies/buzz.hpp>
-#define KVTEST_HAS_BUZZ 1
-#endif
-#if __has_include(<kvtrim/policies/ems.hpp>)
-#include <kvtrim/policies/ems.hpp>
-#define KVTEST_HAS_EMS 1
-#endif
 
 // ---- counting allocator ------------------------------------------------------------------------------------
 namespace {
@@ -97,21 +69,16 @@ long allocations_during(F&& f) {
 }
 
 template <class P>
-constexpr bool kNeverEvicts = requires { P::kNeverEvicts; };
+constexpr bool kNeverEvicts = kvtrim::never_evicts_in_decode<P>();
 
+// The registry's parameters (identity bases for low-rank storage).
 template <class P>
-typename P::Params params_for_test() {
-  return {};
-}
-#ifdef KVTEST_HAS_BUZZ
-template <>
-kvtrim::Buzz<>::Params params_for_test<kvtrim::Buzz<>>() {
-  kvtrim::Buzz<>::Params p;
-  p.window = 0;  // both derived from the (small) test budget
-  p.threshold = 0;
+typename P::Params params_for_test(const kvtrim::CacheConfig& cfg) {
+  auto p = kvtrim::entry_of<P>().params();
+  if constexpr (kvtrim::Entry<P>::kNeedsBasis)
+    p.basis = std::make_shared<const kvtrim::EigenBasis>(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim);
   return p;
 }
-#endif
 
 // Prefill, warm up, then count allocations over many decode steps (long enough for BUZZ to re-segment
 // and for every policy to evict).
@@ -121,7 +88,7 @@ void check_no_alloc(int threads) {
   cfg.threads = threads;
   const int prompt = 100, warm = 200, counted = 600;
   Tokens tok(cfg, prompt + warm + counted, 99);
-  kvtrim::KVCache<P> cache(cfg, params_for_test<P>());
+  kvtrim::KVCache<P> cache(cfg, params_for_test<P>(cfg));
   const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
   for (int l = 0; l < cfg.n_layers; ++l) {
     auto Q = Tokens::rows(tok.q, 0, prompt), K = Tokens::rows(tok.k, 0, prompt), V = Tokens::rows(tok.v, 0, prompt);
@@ -155,7 +122,7 @@ void check_threads_identical(int threads, int n_kv, int group) {
   one.head_budgets = many.head_budgets;
   const int prompt = 70, total = 260;
   Tokens tok(one, total, 1234);
-  kvtrim::KVCache<P> a(one, params_for_test<P>()), b(many, params_for_test<P>());
+  kvtrim::KVCache<P> a(one, params_for_test<P>(one)), b(many, params_for_test<P>(many));
   REQUIRE(b.backend().threads() == std::min(threads, n_kv));
   for (int l = 0; l < one.n_layers; ++l) {
     auto Q = Tokens::rows(tok.q, 0, prompt), K = Tokens::rows(tok.k, 0, prompt), V = Tokens::rows(tok.v, 0, prompt);
@@ -181,47 +148,8 @@ void check_threads_identical(int threads, int n_kv, int group) {
 
 }  // namespace
 
-#define KVTEST_FOR_EACH_POLICY(M)                                   \
-  M(kvtrim::FullCache)                                              \
-  M(kvtrim::StreamingLLM)                                           \
-  KVTEST_H2O(M) KVTEST_TOVA(M) KVTEST_L2(M) KVTEST_HASH(M) KVTEST_BUZZ(M) KVTEST_SNAPKV(M) KVTEST_EMS(M)
-#ifdef KVTEST_HAS_H2O
-#define KVTEST_H2O(M) M(kvtrim::H2O)
-#else
-#define KVTEST_H2O(M)
-#endif
-#ifdef KVTEST_HAS_TOVA
-#define KVTEST_TOVA(M) M(kvtrim::TOVA)
-#else
-#define KVTEST_TOVA(M)
-#endif
-#ifdef KVTEST_HAS_L2
-#define KVTEST_L2(M) M(kvtrim::L2Norm)
-#else
-#define KVTEST_L2(M)
-#endif
-#ifdef KVTEST_HAS_HASH
-#define KVTEST_HASH(M) M(kvtrim::HashEvict)
-#else
-#define KVTEST_HASH(M)
-#endif
-#ifdef KVTEST_HAS_BUZZ
-#define KVTEST_BUZZ(M) M(kvtrim::Buzz<>)
-#else
-#define KVTEST_BUZZ(M)
-#endif
-#ifdef KVTEST_HAS_SNAPKV
-#define KVTEST_SNAPKV(M) M(kvtrim::SnapKV<kvtrim::StreamingLLM>)
-#else
-#define KVTEST_SNAPKV(M)
-#endif
-#ifdef KVTEST_HAS_EMS
-#define KVTEST_EMS(M) M(kvtrim::Ems)
-#else
-#define KVTEST_EMS(M)
-#endif
 
-TEST_CASE("steady-state decode allocates nothing, for every policy, with 1 and 2 threads", "[no_alloc]") {
+TEST_CASE("steady-state decode of FullCache allocates nothing, with 1 and 2 threads", "[no_alloc]") {
   // FullCache never evicts: give it room for the whole stream and check the steps still allocate nothing.
   {
     kvtrim::CacheConfig cfg{.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 8, .head_dim = 32, .budget = 700};
@@ -241,13 +169,14 @@ TEST_CASE("steady-state decode allocates nothing, for every policy, with 1 and 2
       REQUIRE(cache.size(1, 1) == 600);
     }
   }
-#define KVTEST_NO_ALLOC(P) \
-  if constexpr (!kNeverEvicts<P>) {  \
-    check_no_alloc<P>(1);  \
-    check_no_alloc<P>(2);  \
+}
+
+TEMPLATE_LIST_TEST_CASE("steady-state decode of every evicting policy allocates nothing, with 1 and 2 threads",
+                        "[no_alloc]", kvtrim::RegisteredPolicies) {
+  if constexpr (!kNeverEvicts<TestType>) {
+    check_no_alloc<TestType>(1);
+    check_no_alloc<TestType>(2);
   }
-  KVTEST_FOR_EACH_POLICY(KVTEST_NO_ALLOC)
-#undef KVTEST_NO_ALLOC
 }
 
 TEST_CASE("the counting allocator sees allocations (the no-allocation test can fail)", "[no_alloc]") {
@@ -257,14 +186,15 @@ TEST_CASE("the counting allocator sees allocations (the no-allocation test can f
   REQUIRE(n == 2);
 }
 
-TEST_CASE("threads over KV heads give results identical to one thread", "[threads]") {
-#define KVTEST_THREADS(P)                                                        \
-  if constexpr (!kNeverEvicts<P>) {                                \
-    check_threads_identical<P>(2, 4, 2);                                         \
-    check_threads_identical<P>(3, 5, 1);                                         \
+TEMPLATE_LIST_TEST_CASE("threads over KV heads give results identical to one thread, for every evicting policy",
+                        "[threads]", kvtrim::RegisteredPolicies) {
+  if constexpr (!kNeverEvicts<TestType>) {
+    check_threads_identical<TestType>(2, 4, 2);
+    check_threads_identical<TestType>(3, 5, 1);
   }
-  KVTEST_FOR_EACH_POLICY(KVTEST_THREADS)
-#undef KVTEST_THREADS
+}
+
+TEST_CASE("threads over KV heads give results identical to one thread", "[threads]") {
   // FullCache: decode only, within capacity; more threads than heads.
   kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 6, .head_dim = 16, .budget = 200};
   kvtrim::CacheConfig cfg4 = cfg;
@@ -302,24 +232,22 @@ TEST_CASE("threads: errors from a worker thread reach the caller; bad thread cou
 }
 
 namespace {
-// A policy that breaks the budget on one KV head: the backend's check throws inside a worker thread.
-struct OverBudgetOnHead2 {
+// A policy that protects every token of KV head 2: eviction there fails inside a worker thread.
+struct AllProtectedOnHead2 {
   struct Params {};
   struct SlotMeta {};
-  struct HeadState {};
-  static constexpr std::string_view kName = "over_budget_test";
+  struct State {
+    bool all = false;
+  };
+  static constexpr std::string_view kName = "all_protected_test";
   static constexpr kvtrim::Signals kSignals = kvtrim::Signals::kNone;
   static constexpr kvtrim::EvictTiming kTiming = kvtrim::EvictTiming::kAfterAttention;
-  OverBudgetOnHead2(const Params&, const kvtrim::LayerContext&) {}
-  int prompt_window() const { return 0; }
-  void on_insert(HeadState&, kvtrim::HeadOf<OverBudgetOnHead2>&, const kvtrim::StepContext&) {}
-  void on_attention(HeadState&, kvtrim::HeadOf<OverBudgetOnHead2>&, const kvtrim::StepContext&,
-                    const kvtrim::AttentionRows&) {}
-  void evict(HeadState&, kvtrim::HeadOf<OverBudgetOnHead2>& h, const kvtrim::StepContext& s) {
-    if (s.kv_head != 2)
-      while (h.size() > h.budget()) h.remove(0);
-  }
-  void on_prompt(HeadState&, kvtrim::HeadOf<OverBudgetOnHead2>&, const kvtrim::PromptContext&) {}
+  AllProtectedOnHead2(const Params&, const kvtrim::LayerContext&) {}
+  State initial(int kv_head, int) const { return {kv_head == 2}; }
+  static void on_insert(State&, SlotMeta&, std::int64_t, const kvtrim::TokenInputs&) {}
+  static bool protects(const State& s, const SlotMeta&, std::int64_t, std::int64_t) { return s.all; }
+  static float score(const State&, const SlotMeta&, std::int64_t, std::int64_t) { return 0.0f; }
+  static float prompt_score(const State&, SlotMeta&, int, const kvtrim::PromptSums&) { return 0.0f; }
 };
 }  // namespace
 
@@ -327,11 +255,11 @@ TEST_CASE("threads: an error on one head is rethrown by decode", "[threads]") {
   kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 4, .n_q_heads = 4, .head_dim = 8, .budget = 3};
   cfg.threads = 2;
   Tokens tok(cfg, 5, 1);
-  kvtrim::KVCache<OverBudgetOnHead2> cache(cfg);
+  kvtrim::KVCache<AllProtectedOnHead2> cache(cfg);
   std::vector<float> out(32);
   for (int t = 0; t < 3; ++t) cache.decode(0, tok.q[t], tok.k[t], tok.v[t], out);
   REQUIRE_THROWS_WITH(cache.decode(0, tok.q[3], tok.k[3], tok.v[3], out),
-                      Catch::Contains("KV head 2") && Catch::Contains("over its budget"));
+                      Catch::Contains("KV head 2") && Catch::Contains("every token is protected"));
 }
 
 TEST_CASE("decode kernel matches naive attention on tail shapes (d % 8 != 0, groups > 4, odd n)", "[kernel]") {

@@ -139,3 +139,13 @@ TEST_CASE("AnyCache computes what the typed KVCache computes, for every register
     REQUIRE(any->bytes_used() == typed.bytes_used());
   });
 }
+
+TEST_CASE("registry: settings text splits at commas but keeps a list value's own", "[registry][params]") {
+  using Settings = std::vector<std::pair<std::string, std::string>>;
+  const auto parse = [](std::string_view t) { return kvtrim::Entry<kvtrim::FullCache>::parse_settings(t); };
+  REQUIRE(parse("skip_layers=0,1,sinks=4") == Settings{{"skip_layers", "0,1"}, {"sinks", "4"}});
+  REQUIRE(parse("a=1,b=x") == Settings{{"a", "1"}, {"b", "x"}});
+  REQUIRE(parse("").empty());
+  REQUIRE(error_of([&] { parse("0,1"); }).find("is not of the form key=value") != std::string::npos);
+  REQUIRE(error_of([&] { parse("=3"); }).find("is not of the form key=value") != std::string::npos);
+}

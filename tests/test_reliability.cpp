@@ -451,18 +451,16 @@ const char* const kPolicyPrelude = R"(
 struct Good {
   struct Params {};
   struct SlotMeta {};
-  struct HeadState {};
+  struct State {};
   static constexpr std::string_view kName = "good";
   static constexpr kvtrim::Signals kSignals = kvtrim::Signals::kNone;
   static constexpr kvtrim::EvictTiming kTiming = kvtrim::EvictTiming::kBeforeAttention;
   Good(const Params&, const kvtrim::LayerContext&) {}
-  int prompt_window() const { return 0; }
-  void on_insert(HeadState&, kvtrim::HeadOf<Good>&, const kvtrim::StepContext&) {}
-  void on_attention(HeadState&, kvtrim::HeadOf<Good>&, const kvtrim::StepContext&, const kvtrim::AttentionRows&) {}
-  void evict(HeadState&, kvtrim::HeadOf<Good>& h, const kvtrim::StepContext&) {
-    while (h.size() > h.budget()) h.remove(0);
-  }
-  void on_prompt(HeadState&, kvtrim::HeadOf<Good>&, const kvtrim::PromptContext&) {}
+  State initial(int, int) const { return {}; }
+  static void on_insert(State&, SlotMeta&, std::int64_t, const kvtrim::TokenInputs&) {}
+  static bool protects(const State&, const SlotMeta&, std::int64_t, std::int64_t) { return false; }
+  static float score(const State&, const SlotMeta&, std::int64_t pos, std::int64_t) { return float(pos); }
+  static float prompt_score(const State&, SlotMeta&, int t, const kvtrim::PromptSums&) { return float(t); }
 };
 )";
 
@@ -481,15 +479,15 @@ int main() {
     return;
   }
   auto bad_run = Compile::start("bad", std::string(kPolicyPrelude) + R"(
-struct NoParams { struct SlotMeta {}; struct HeadState {}; };
+struct NoParams { struct SlotMeta {}; struct State {}; };
 struct NoName {
-  struct Params {}; struct SlotMeta {}; struct HeadState {};
+  struct Params {}; struct SlotMeta {}; struct State {};
   static constexpr kvtrim::Signals kSignals = kvtrim::Signals::kNone;
   static constexpr kvtrim::EvictTiming kTiming = kvtrim::EvictTiming::kAfterAttention;
 };
-struct WrongEvict : Good {
+struct WrongScore : Good {
   using Good::Good;
-  void evict(int) {}  // hides Good::evict: wrong signature
+  static float score(int) { return 0.0f; }  // hides Good::score: wrong signature
 };
 struct NotTrivial : Good {
   using Good::Good;
@@ -497,7 +495,7 @@ struct NotTrivial : Good {
 };
 static_assert(sizeof(kvtrim::KVCache<NoParams>) > 0);
 static_assert(sizeof(kvtrim::KVCache<NoName>) > 0);
-static_assert(kvtrim::check_policy<WrongEvict>());
+static_assert(kvtrim::check_policy<WrongScore>());
 static_assert(kvtrim::check_policy<NotTrivial>());
 int main() { return 0; }
 )");
@@ -512,9 +510,9 @@ int main() { return 0; }
   CHECK_THAT(bad.output, Contains("kvtrim: a Policy needs a nested `Params` struct"));
   CHECK_THAT(bad.output, Contains("kvtrim: a Policy needs `static constexpr std::string_view kName`"));
   CHECK_THAT(bad.output, Contains("kvtrim: this type does not satisfy kvtrim::Policy"));
-  CHECK_THAT(bad.output, Contains("SlotMeta is trivially copyable"));
+  CHECK_THAT(bad.output, Contains("SlotMeta and State are trivially copyable"));
   // Each of the four types is named where its check fails.
-  for (const char* t : {"NoParams", "NoName", "WrongEvict", "NotTrivial"}) {
+  for (const char* t : {"NoParams", "NoName", "WrongScore", "NotTrivial"}) {
     INFO("type " << t);
     CHECK_THAT(bad.output, Contains(t));
   }

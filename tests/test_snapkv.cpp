@@ -1,26 +1,30 @@
 // SnapKV-style prompt compression in front of a decode policy: pooling by hand, hand-built prompts where the
 // kept tokens are known, a slow independent reference over hundreds of random prompts (MHA and GQA), the
-// composition with H2O over thousands of decode steps, budgets, determinism, FullCache equality, errors.
-#include <kvtrim/policies/h2o.hpp>
+// composition with the registry's decode policies (accumulated attention, last-step attention) over thousands of
+// decode steps, budgets, determinism, FullCache equality, errors.
+#include <kvtrim/registry.hpp>
 #include <kvtrim/policies/snapkv.hpp>
-#include <kvtrim/policies/tova.hpp>
 
+#include "property.hpp"
 #include "testing.hpp"
 
 using kvtest::Tokens;
 using kvtrim::CacheConfig;
 using kvtrim::GroupReduce;
-using kvtrim::H2O;
 using kvtrim::KVCache;
 using kvtrim::SnapKV;
 using kvtrim::SnapPooling;
-using kvtrim::TOVA;
 
-static_assert(std::is_same_v<kvtrim::HeadOf<SnapKV<H2O>>, kvtrim::HeadOf<H2O>>);
-static_assert(std::is_same_v<kvtrim::HeadOf<SnapKV<>>, kvtrim::HeadOf<kvtrim::FullCache>>);
+// The registry's compositions: SnapKV over accumulated attention ("h2o") and over last-step attention ("tova").
+using SnapAcc = kvtrim::PolicyNamed<"snapkv+h2o">;
+using SnapLast = kvtrim::PolicyNamed<"snapkv+tova">;
+using Acc = SnapAcc::DecodePolicy;
+using Last = SnapLast::DecodePolicy;
+
+static_assert(std::is_same_v<SnapAcc::SlotMeta, Acc::SlotMeta>);
+static_assert(std::is_same_v<SnapKV<>::SlotMeta, kvtrim::FullCache::SlotMeta>);
 static_assert(SnapKV<>::kName == "snapkv");
-static_assert(SnapKV<H2O>::kName == "snapkv+h2o");
-static_assert(SnapKV<TOVA>::kSignals == kvtrim::Signals::kAttention && SnapKV<>::kSignals == kvtrim::Signals::kNone);
+static_assert(SnapLast::kSignals == kvtrim::Signals::kAttention && SnapKV<>::kSignals == kvtrim::Signals::kNone);
 
 namespace {
 
@@ -120,10 +124,10 @@ TEST_CASE("SnapKV pooling by hand", "[snapkv]") {
   const std::vector<float> v{0, 0, 1, 0, 0, 0, 5};
   std::vector<float> avg3, max3, avg5, one;
   for (int j = 0; j < 7; ++j) {
-    avg3.push_back(kvtrim::snapkv_pool_at(v.data(), 7, j, 3, SnapPooling::kAvg));
-    max3.push_back(kvtrim::snapkv_pool_at(v.data(), 7, j, 3, SnapPooling::kMax));
-    avg5.push_back(kvtrim::snapkv_pool_at(v.data(), 7, j, 5, SnapPooling::kAvg));
-    one.push_back(kvtrim::snapkv_pool_at(v.data(), 7, j, 1, SnapPooling::kAvg));
+    avg3.push_back(SnapKV<>::pool_at(v.data(), 7, j, 3, SnapPooling::kAvg));
+    max3.push_back(SnapKV<>::pool_at(v.data(), 7, j, 3, SnapPooling::kMax));
+    avg5.push_back(SnapKV<>::pool_at(v.data(), 7, j, 5, SnapPooling::kAvg));
+    one.push_back(SnapKV<>::pool_at(v.data(), 7, j, 1, SnapPooling::kAvg));
   }
   const float t = 1.0f / 3, f = 5.0f / 3;
   REQUIRE(avg3 == std::vector<float>{0, t, t, t, 0, f, f});  // zero padding: edges still divide by 3
@@ -213,7 +217,7 @@ TEST_CASE("SnapKV (FullCache decode) matches a slow reference over hundreds of r
 
 namespace {
 
-// Reference decode policies for the composition test: H2O (accumulate) or TOVA (current step only).
+// Reference decode policies for the composition test: accumulated attention or the current step's only.
 struct RefDecode {
   bool accumulate = true, normalize = false;
   int sinks = 0, recent = 0;
@@ -325,7 +329,7 @@ int run_composed(const CacheConfig& cfg, const typename SnapKV<Decode>::Params& 
       double want = 0;
       for (const auto& t : r.toks)
         if (t.pos == head.pos(i)) want = t.score;
-      if constexpr (std::is_same_v<Decode, H2O>) {
+      if constexpr (std::is_same_v<Decode, Acc>) {
         REQUIRE(head.meta(i).score == Approx(want).epsilon(1e-4).margin(1e-6));
         REQUIRE(head.meta(i).seen == T - head.pos(i));
       } else {
@@ -349,32 +353,32 @@ int run_composed(const CacheConfig& cfg, const typename SnapKV<Decode>::Params& 
 
 }  // namespace
 
-TEST_CASE("SnapKV<H2O> and SnapKV<TOVA>: SnapKV prefill, then the decode policy, against a reference",
+TEST_CASE("SnapKV over accumulated and last-step attention: SnapKV prefill, then the decode policy, against a reference",
           "[snapkv][differential]") {
   const CacheConfig mha{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 2, .head_dim = 16, .budget = 24};
   const CacheConfig gqa{.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 8, .head_dim = 16, .budget = 20};
   int near = 0;
-  SECTION("SnapKV<H2O> MHA, capacity below the budget") {
+  SECTION("accumulated, MHA, capacity below the budget") {
     RefDecode h2o{.recent = 12, .d = 16};  // 50/50 of 24
-    near += run_composed<H2O>(mha, {.window = 4, .capacity = 16, .decode = {}}, h2o, 90, 1500, 41);
+    near += run_composed<Acc>(mha, {.window = 4, .capacity = 16, .decode = {}}, h2o, 90, 1500, 41);
   }
-  SECTION("SnapKV<H2O> GQA, max pooling, normalised H2O with sinks") {
+  SECTION("accumulated, GQA, max pooling, normalised, with sinks") {
     RefDecode h2o{.normalize = true, .sinks = 2, .recent = 9, .g = 4, .d = 16};  // heavy floor(.5*18) = 9
-    near += run_composed<H2O>(
+    near += run_composed<Acc>(
         gqa, {.window = 6, .kernel = 3, .pooling = SnapPooling::kMax, .decode = {.sinks = 2, .normalize = true}}, h2o,
         70, 1500, 42);
   }
-  SECTION("SnapKV<TOVA> GQA") {
+  SECTION("last step, GQA") {
     RefDecode tova{.accumulate = false, .recent = 1, .g = 4, .d = 16};
-    near += run_composed<TOVA>(gqa, {.window = 5, .capacity = 12, .decode = {.recent = 1}}, tova, 60, 1500, 43);
+    near += run_composed<Last>(gqa, {.window = 5, .capacity = 12, .decode = {.recent = 1}}, tova, 60, 1500, 43);
   }
   WARN("SnapKV composition: " << near << " float-vs-double near-ties reconciled over 1500 decode steps x 2 heads");
   REQUIRE(near <= 30);
 }
 
-TEST_CASE("SnapKV<H2O>: the prompt goes down to the capacity, decode grows to the budget, then H2O evicts", "[snapkv]") {
+TEST_CASE("SnapKV: the prompt goes down to the capacity, decode grows to the budget, then the decode policy evicts", "[snapkv]") {
   CacheConfig cfg{.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 4, .head_dim = 8, .budget = 16};
-  KVCache<SnapKV<H2O>> cache(cfg, {.window = 3, .capacity = 10});
+  KVCache<SnapAcc> cache(cfg, {.window = 3, .capacity = 10});
   Tokens tok(cfg, 80, 9);
   prefill_all(cache, tok, 50);
   REQUIRE(cache.size(1, 1) == 10);
@@ -390,11 +394,11 @@ TEST_CASE("SnapKV<H2O>: the prompt goes down to the capacity, decode grows to th
 TEST_CASE("SnapKV equals FullCache when the budget holds everything, and is deterministic", "[snapkv]") {
   const CacheConfig gqa{.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 4, .head_dim = 8, .budget = 0};
   kvtest::check_equals_full_cache<SnapKV<>>({.window = 4}, gqa, 20, 60);
-  kvtest::check_equals_full_cache<SnapKV<H2O>>({.window = 8, .kernel = 3}, gqa, 30, 70);
-  kvtest::check_equals_full_cache<SnapKV<TOVA>>({.window = 2, .capacity = 40}, gqa, 40, 60);
+  kvtest::check_equals_full_cache<SnapAcc>({.window = 8, .kernel = 3}, gqa, 30, 70);
+  kvtest::check_equals_full_cache<SnapLast>({.window = 2, .capacity = 40}, gqa, 40, 60);
   CacheConfig cfg = gqa;
   cfg.budget = 12;
-  kvtest::require_deterministic([&] { return KVCache<SnapKV<H2O>>(cfg, {.window = 4, .kernel = 5}); }, 100, 200, 5);
+  kvtest::require_deterministic([&] { return KVCache<SnapAcc>(cfg, {.window = 4, .kernel = 5}); }, 100, 200, 5);
 }
 
 TEST_CASE("SnapKV rejects bad parameters with kvtrim::Error", "[snapkv][errors]") {
@@ -409,7 +413,45 @@ TEST_CASE("SnapKV rejects bad parameters with kvtrim::Error", "[snapkv][errors]"
   REQUIRE_THROWS_WITH((S(cfg, {.window = 2, .capacity = 9})), Contains("capacity (9) exceeds the budget 8"));
   REQUIRE_THROWS_WITH((S(cfg, {.window = 4, .capacity = 4})), Contains("window (4) must be smaller"));
   REQUIRE_THROWS_WITH((S(cfg, {.window = 2, .capacity = -1})), Contains("capacity must be >= 0"));
-  REQUIRE_THROWS_WITH((KVCache<SnapKV<H2O>>(cfg, {.window = 2, .decode = {.heavy_ratio = 2.0}})),
+  REQUIRE_THROWS_WITH((KVCache<SnapAcc>(cfg, {.window = 2, .decode = {.heavy_ratio = 2.0}})),
                       Contains("heavy_ratio must be in [0, 1], got 2"));
   REQUIRE_NOTHROW((S(cfg, {.window = 7, .kernel = 1, .capacity = 8})));
+}
+
+namespace {
+struct SnapAccSpec : kvtest::prop::SpecBase<SnapAcc> {
+  static constexpr const char* kLabel = "snapkv+h2o";
+  static constexpr int kMinBudget = 2;
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    Policy::Params p;
+    p.capacity = rng.uniform_int(0, 1) ? 0 : rng.uniform_int(2, min_budget);
+    const int cap = p.capacity > 0 ? p.capacity : min_budget;
+    p.window = rng.uniform_int(1, cap - 1);
+    p.kernel = 2 * rng.uniform_int(0, 2) + 1;
+    p.pooling = static_cast<SnapPooling>(rng.uniform_int(0, 1));
+    p.group_reduce = kvtest::prop::any_reduce(rng);
+    p.decode = {.heavy_ratio = rng.uniform_int(0, 10) / 10.0, .sinks = rng.uniform_int(0, min_budget - 1),
+                .group_reduce = kvtest::prop::any_reduce(rng), .normalize = rng.uniform_int(0, 1) == 1};
+    return p;
+  }
+  // Decode keeps its protected tokens once the prompt's compression is behind (not checked right after).
+};
+
+// SnapKV<> decodes with FullCache: full heads refuse decode tokens (KVCache checks kNeverEvictsInDecode before
+// anything changes; SpecBase derives that from the policy).
+struct SnapFullSpec : kvtest::prop::SpecBase<SnapKV<>> {
+  static constexpr const char* kLabel = "SnapKV<FullCache>";
+  static constexpr int kMinBudget = 2;
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    Policy::Params p;
+    p.window = rng.uniform_int(1, min_budget - 1);
+    p.kernel = 2 * rng.uniform_int(0, 2) + 1;
+    return p;
+  }
+};
+}  // namespace
+
+TEMPLATE_TEST_CASE("SnapKV: random prefill/decode/reset sequences agree with the reference model",
+                   "[snapkv][property]", SnapAccSpec, SnapFullSpec) {
+  kvtest::prop::require_properties<TestType>(1);
 }

@@ -14,26 +14,6 @@
 
 #include "testing.hpp"
 
-#if __has_include(<kvtrim/policies/h2o.hpp>)
-#include <kvtrim/policies/h2o.hpp>
-#define KVTRIM_T_H2O 1
-#endif
-#if __has_include(<kvtrim/policies/tova.hpp>)
-#include <kvtrim/policies/tova.hpp>
-#define KVTRIM_T_TOVA 1
-#endif
-#if __has_include(<kvtrim/policies/hash_evict.hpp>)
-#include <kvtrim/policies/hash_evict.hpp>
-#define KVTRIM_T_HASH 1
-#endif
-#if __has_include(<kvtrim/policies/eigen_attention.hpp>) && defined(KVTRIM_T_H2O)
-#include <kvtrim/policies/eigen_attention.hpp>
-#define KVTRIM_T_EIGEN 1
-#endif
-#if __has_include(<kvtrim/policies/l2_norm.hpp>)
-#include <kvtrim/policies/l2_norm.hpp>
-#define KVTRIM_T_L2 1
-#endif
 
 using kvtest::Tokens;
 using kvtrim::CacheConfig;
@@ -89,56 +69,24 @@ struct Job {
   std::function<Trace()> run;
 };
 
+// Every registered policy on every stream, with the registry's parameters (one read-only identity basis shared
+// by every low-rank cache on every thread); budget 40, or 400 for policies that never evict.
 std::vector<Job> jobs(const std::vector<Tokens>& streams, int steps) {
   std::vector<Job> js;
-#ifdef KVTRIM_T_EIGEN
-  // One read-only basis shared by every cache on every thread.
   auto basis = std::make_shared<const kvtrim::EigenBasis>(2, 4, 16);
-#endif
   for (std::size_t s = 0; s < streams.size(); ++s) {
     const Tokens& tok = streams[s];
-    js.push_back({[&tok, steps] {
-      KVCache<kvtrim::StreamingLLM> c(shape(), {.sinks = 2});
-      return drive(c, tok, steps);
-    }});
-    js.push_back({[&tok, steps] {
-      KVCache<kvtrim::FullCache> c([] {
-        auto cfg = shape();
-        cfg.budget = 400;
-        return cfg;
-      }());
-      return drive(c, tok, steps);
-    }});
-#ifdef KVTRIM_T_H2O
-    js.push_back({[&tok, steps] {
-      KVCache<kvtrim::H2O> c(shape(), {});
-      return drive(c, tok, steps);
-    }});
-#endif
-#ifdef KVTRIM_T_TOVA
-    js.push_back({[&tok, steps] {
-      KVCache<kvtrim::TOVA> c(shape(), {});
-      return drive(c, tok, steps);
-    }});
-#endif
-#ifdef KVTRIM_T_HASH
-    js.push_back({[&tok, steps] {
-      KVCache<kvtrim::HashEvict> c(shape(), {.bits = 16, .sinks = 2, .recent = 4});
-      return drive(c, tok, steps);
-    }});
-#endif
-#ifdef KVTRIM_T_EIGEN
-    js.push_back({[&tok, steps, basis] {
-      KVCache<kvtrim::EigenAttention<kvtrim::H2O>> c(shape(), {.basis = basis});
-      return drive(c, tok, steps);
-    }});
-#endif
-#ifdef KVTRIM_T_L2
-    js.push_back({[&tok, steps] {
-      KVCache<kvtrim::L2Norm> c(shape(), {.sinks = 1, .recent = 2});
-      return drive(c, tok, steps);
-    }});
-#endif
+    kvtrim::for_each_policy([&](const auto& entry) {
+      using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+      auto params = entry.params();
+      if constexpr (kvtrim::Entry<P>::kNeedsBasis) params.basis = basis;
+      CacheConfig cfg = shape();
+      cfg.budget = kvtrim::never_evicts_in_decode<P>() ? 400 : 40;
+      js.push_back({[&tok, steps, params, cfg] {
+        KVCache<P> c(cfg, params);
+        return drive(c, tok, steps);
+      }});
+    });
   }
   return js;
 }
@@ -227,12 +175,17 @@ TEST_CASE("CacheConfig::threads > 1 gives bit-identical results to one thread", 
       REQUIRE(drive(many, tok, 60) == drive(one, tok, 60));
     };
     compare([](int th) { return KVCache<kvtrim::StreamingLLM>(shape(th), {.sinks = 2}); });
-#ifdef KVTRIM_T_H2O
-    compare([](int th) { return KVCache<kvtrim::H2O>(shape(th), {}); });
-#endif
-#ifdef KVTRIM_T_HASH
-    compare([](int th) { return KVCache<kvtrim::HashEvict>(shape(th), {.bits = 16, .sinks = 2, .recent = 4}); });
-#endif
+    auto basis = std::make_shared<const kvtrim::EigenBasis>(2, 4, 16);
+    kvtrim::for_each_policy([&](const auto& entry) {  // every registered policy's pool, under TSan too
+      using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+      auto params = entry.params();
+      if constexpr (kvtrim::Entry<P>::kNeedsBasis) params.basis = basis;
+      compare([&](int th) {
+        CacheConfig cfg = shape(th);
+        cfg.budget = kvtrim::never_evicts_in_decode<P>() ? 400 : 40;
+        return KVCache<P>(cfg, params);
+      });
+    });
     // Several caches with their own pools, used from several threads at once.
     std::vector<Trace> got(3);
     std::vector<std::thread> ts;

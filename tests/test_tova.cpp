@@ -2,6 +2,7 @@
 // thousands of random steps (MHA and GQA), budgets, determinism, equality with FullCache, parameter errors.
 #include <kvtrim/policies/tova.hpp>
 
+#include "property.hpp"
 #include "testing.hpp"
 
 using kvtest::Tokens;
@@ -265,4 +266,23 @@ TEST_CASE("TOVA rejects bad parameters with kvtrim::Error", "[tova][errors]") {
   REQUIRE_THROWS_WITH((KVCache<TOVA>(cfg, {.sinks = 4, .recent = 5})),
                       Contains("sinks (4) + recent (5) = 9 exceeds the budget 8"));
   REQUIRE_NOTHROW((KVCache<TOVA>(cfg, {.sinks = 4, .recent = 4})));
+}
+
+namespace {
+struct TovaSpec : kvtest::prop::SpecBase<TOVA> {
+  static constexpr const char* kLabel = "TOVA";
+  static Policy::Params params(kvtest::Rng& rng, const CacheConfig&, int min_budget) {
+    Policy::Params p{.group_reduce = kvtest::prop::any_reduce(rng)};
+    p.sinks = rng.uniform_int(0, min_budget / 2);
+    p.recent = rng.uniform_int(0, min_budget - p.sinks);
+    return p;
+  }
+  static kvtest::prop::Seen must_keep(const Policy::Params& p, int, const kvtest::prop::Seen& seen) {
+    return kvtest::prop::protected_positions(seen, p.sinks, p.recent);
+  }
+};
+}  // namespace
+
+TEST_CASE("TOVA: random prefill/decode/reset sequences agree with the reference model", "[tova][property]") {
+  kvtest::prop::require_properties<TovaSpec>(1);
 }

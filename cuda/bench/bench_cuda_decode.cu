@@ -1,6 +1,6 @@
 // Decode attention bandwidth of the CUDA backend's kernels versus the device's measured copy bandwidth, and the
-// cost of H2O's per-step bookkeeping (probabilities from the attention kernel, score update, masked arg-min
-// eviction) relative to the attention step.
+// cost of an accumulated-attention policy's per-step bookkeeping (the registry's "h2o": probabilities from the
+// attention kernel, score update, masked arg-min eviction) relative to the attention step.
 //
 //   bench_cuda_decode [kv_heads=8] [group=4] [head_dim=128] [iterations=50] [--csv FILE]
 //
@@ -19,6 +19,8 @@
 // Without a device it prints a message and exits 0; a bad argument or a CUDA error exits 1 with a message, and
 // a kernel-reported error (the error word of the eviction kernel) makes the exit status 1 after the table.
 #include "bench_cuda_util.cuh"
+
+#include <kvtrim/registry.hpp>
 
 #include <cmath>
 #include <cstdio>
@@ -64,9 +66,9 @@ struct Shape {
 template <class T>
 bool run(const char* type, int N, const Shape& sh, double copy_gbs, const std::string& device, cudaStream_t st,
          cudaEvent_t e0, cudaEvent_t e1, kvbench::StreamBlocker& blocker, kvbench::CsvFile& csv) {
-  using DP = kvtrim::gpu::DevicePolicy<kvtrim::H2O>;
-  using Meta = kvtrim::H2O::SlotMeta;
-  using Head = kvtrim::gpu::DevHead<T, Meta, DP::State>;
+  using P = kvtrim::RegisteredPolicy<kvtrim::policy_index("h2o")>;
+  using Meta = P::SlotMeta;
+  using Head = kvtrim::gpu::DevHead<T, Meta, P::State>;
   const int H = sh.H, group = sh.group, d = sh.d, iters = sh.iters;
   const int cap = N + 1, Hq = H * group, splits = kvtrim::gpu::plan_splits(cap);
   const std::size_t rows = static_cast<std::size_t>(cap) * d;
@@ -110,9 +112,9 @@ bool run(const char* type, int N, const Shape& sh, double copy_gbs, const std::s
   auto h2o_step = [&] {
     set_count<Head><<<1, H, 0, st>>>(heads.as<Head>(), N + 1);  // the appended token
     kk::launch_decode_attention<T, Head>(heads.as<Head>(), H, ap, out.as<float>(), stats.as<float>(), st);
-    kk::on_attention_kernel<DP, Head>
+    kk::on_attention_kernel<P, Head>
         <<<dim3((cap + 127) / 128, H), 128, 0, st>>>(heads.as<Head>(), ap.logits, cap, group);
-    kk::evict_kernel<T, Meta, DP::State, DP><<<H, 256, 0, st>>>(heads.as<Head>(), d, err.as<int>());
+    kk::evict_kernel<T, P><<<H, 256, 0, st>>>(heads.as<Head>(), d, err.as<int>());
   };
   for (int i = 0; i < 5; ++i) attention(), h2o_step();
   KVTRIM_CUDA_CHECK(cudaGetLastError());

@@ -11,7 +11,8 @@
 //    KV head; "unsteady" otherwise);
 //  - the baseline is KVCache<FullCache> (budget N + iterations, so it never fills), prefilled with
 //    N - warmup - iterations/2 tokens so that its timed steps attend over N + 1 tokens on average, as the
-//    evicting policies' steps do (append, attention over N + 1, evict; StreamingLLM evicts before attention);
+//    evicting policies' steps do (append, attention over N + 1, evict; a policy that evicts before attention
+//    attends over N);
 //  - the q, k, v of each step are rows of one device buffer of random values in [-1, 1) made once on the device.
 // Two timings of `iterations` steps each, with CUDA events on cache.backend().stream(), no host synchronisation
 // inside the timed loop, cache.backend().synchronize() after it (which also reports kernel errors):
@@ -21,9 +22,10 @@
 //  - pipelined: the same number of steps queued freely, as an engine would: when queuing a step costs the host
 //    more than the GPU needs to run it, this is the host's rate, not the GPU's;
 //  - host: wall-clock time the host spent queuing one step (KVCache::decode's checks and the launches).
-// FullCache's own row is its measurement; its overhead is 0 by definition. HashEvict and SnapKV<H2O> are
-// measured only when kvtrim::gpu::DevicePolicy has a device implementation for them ("not on the GPU yet"
-// otherwise).
+// FullCache's own row is its measurement; its overhead is 0 by definition. The policies are the registry's
+// (every entry that evicts in decode and needs no calibration), with the registry's parameters. Policies that
+// evict in bursts (structured re-segmentation) or merge do not hold N tokens step by step: their rows say
+// "unsteady" with what the check found, and the timing is still the mean over the timed steps.
 // Without a device it prints a message and exits 0. A bad argument exits 1 with the usage; a policy that fails
 // (a CUDA or kvtrim error) is reported and the others still run; the exit status is then 1.
 #include "bench_cuda_util.cuh"
@@ -126,7 +128,7 @@ Timing measure(Ctx& c, int N, bool baseline, const typename P::Params& params) {
   // evicting policies evicted one token per step and head.
   auto check = [&](std::uint64_t evictions_before, int steps) {
     const int want = baseline ? fill + s.warmup + steps : N;
-    const std::uint64_t evicted = cache.evictions() - evictions_before;
+    const std::uint64_t evicted = cache.evictions() + cache.merges() - evictions_before;
     const std::uint64_t want_evicted = baseline ? 0 : static_cast<std::uint64_t>(steps) * s.H;
     for (int h = 0; h < s.H; ++h) {
       if (cache.size(0, h) != want) {
@@ -146,7 +148,7 @@ Timing measure(Ctx& c, int N, bool baseline, const typename P::Params& params) {
   // held: GPU time per step
   prefill();
   warm();
-  std::uint64_t ev = cache.evictions();
+  std::uint64_t ev = cache.evictions() + cache.merges();
   const kvbench::StepTiming held = kvbench::time_blocked(st, c.blocker, c.e0, c.e1, s.iters, kBatch, step);
   be.synchronize();
   t.step_us = held.gpu_us;
@@ -159,7 +161,7 @@ Timing measure(Ctx& c, int N, bool baseline, const typename P::Params& params) {
     prefill();
     warm();
   }
-  ev = cache.evictions();
+  ev = cache.evictions() + cache.merges();
   KVTRIM_CUDA_CHECK(cudaEventRecord(c.e0, st));
   for (int i = 0; i < s.iters; ++i) step();
   KVTRIM_CUDA_CHECK(cudaEventRecord(c.e1, st));
@@ -184,9 +186,9 @@ void print_header(const char* type, int N, const Setup& s) {
 double pct(double x, double base) { return 100.0 * (x - base) / base; }
 
 void print_row(const Row& r, const Timing& full) {
-  if (r.status == "not_on_gpu" || r.status == "error") {
+  if (r.status == "error") {
     std::printf("  %-22s %10s %10s %14s %10s %10s  %s\n", r.policy.c_str(), "-", "-", "-", "-", "-",
-                r.status == "error" ? "error (see above)" : "not on the GPU yet");
+                "error (see above)");
   } else {
     std::printf("  %-22s %10.1f %+9.1f%% %14.1f %+9.1f%% %10.1f  %s%s%s\n", r.policy.c_str(), r.t.step_us,
                 pct(r.t.step_us, full.step_us), r.t.pipelined_us, pct(r.t.pipelined_us, full.pipelined_us),
@@ -198,7 +200,7 @@ void print_row(const Row& r, const Timing& full) {
 void write_csv(kvbench::CsvFile& csv, const char* type, int N, const Setup& s, const Row& r, const Timing& full) {
   std::string line = kvbench::format("%s,%d,%s,%d,%d,%d,%d,", type, N, kvbench::csv_field(r.policy).c_str(), s.H,
                                      s.group, s.d, s.iters);
-  if (r.status == "not_on_gpu" || r.status == "error")
+  if (r.status == "error")
     line += ",,,,,,,";
   else
     line += kvbench::format("%.3f,%.3f,%.2f,%.3f,%.3f,%.2f,%.3f,", r.t.step_us, full.step_us,
@@ -213,22 +215,18 @@ std::string status_of(const Timing& t) {
   return "ok";
 }
 
-// Measures policy P (when it runs on the GPU) and prints / records its row.
+// Measures policy P and prints / records its row.
 template <class T, class P>
 Row bench_policy(Ctx& c, int N, const typename P::Params& params, bool baseline) {
   Row r;
   r.policy = std::string(P::kName);
-  if constexpr (kvtrim::gpu::DevicePolicy<P>::kDefined) {
-    try {
-      r.t = measure<T, P>(c, N, baseline, params);
-      r.status = status_of(r.t);
-    } catch (const std::exception& e) {
-      std::fprintf(stderr, "bench_cuda_policies: %s N=%d %s: %s\n", sizeof(T) == 2 ? "half" : "float", N,
-                   r.policy.c_str(), e.what());
-      r.status = "error";
-    }
-  } else {
-    r.status = "not_on_gpu";
+  try {
+    r.t = measure<T, P>(c, N, baseline, params);
+    r.status = status_of(r.t);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "bench_cuda_policies: %s N=%d %s: %s\n", sizeof(T) == 2 ? "half" : "float", N,
+                 r.policy.c_str(), e.what());
+    r.status = "error";
   }
   return r;
 }
@@ -247,12 +245,11 @@ bool run_type(const char* type, Ctx& c, kvbench::CsvFile& csv) {
       print_row(r, full);
       rows.push_back(std::move(r));
     };
-    add(bench_policy<T, kvtrim::StreamingLLM>(c, N, kvtrim::StreamingLLM::Params{.sinks = 4}, false));
-    add(bench_policy<T, kvtrim::H2O>(c, N, kvtrim::H2O::Params{}, false));
-    add(bench_policy<T, kvtrim::TOVA>(c, N, kvtrim::TOVA::Params{}, false));
-    add(bench_policy<T, kvtrim::L2Norm>(c, N, kvtrim::L2Norm::Params{}, false));
-    add(bench_policy<T, kvtrim::HashEvict>(c, N, kvtrim::HashEvict::Params{}, false));
-    add(bench_policy<T, kvtrim::SnapKV<kvtrim::H2O>>(c, N, kvtrim::SnapKV<kvtrim::H2O>::Params{}, false));
+    kvtrim::for_each_policy([&](const auto& entry) {
+      using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+      if constexpr (!kvtrim::never_evicts_in_decode<P>() && !kvtrim::Entry<P>::kNeedsBasis)
+        add(bench_policy<T, P>(c, N, entry.params(), false));
+    });
     for (const Row& r : rows) {
       write_csv(csv, type, N, s, r, full);
       ok = ok && r.status != "error";

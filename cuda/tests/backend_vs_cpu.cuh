@@ -3,14 +3,18 @@
 // test_cuda_bf16.cu), all linked into test_cuda_backend, which also checks that the headers link from several
 // .cu files. Without a GPU each case WARNs and returns (the no-device error is checked instead).
 //
+// The policies come from the registry: every registered policy runs with the registry's parameters on a default
+// shape, and kCases adds parameter variants and shapes (policy names and settings as text, params.hpp), so a new
+// policy is covered without touching this file.
+//
 // Stated bounds (outputs, NMSE = sum (gpu - cpu)^2 / sum cpu^2 over every output of the run):
 //   float: 1e-9 (fp32 everywhere; only summation order differs), and the same kept positions as the CPU.
 //   __half: 1e-5, __nv_bfloat16: 2e-4 (keys and values rounded to 11 / 8 significant bits; inputs ~N(0,1)).
-//   Policies whose decisions do not read attention (FullCache, StreamingLLM, L2Norm: norms of the fp32 input
-//   keys; HashEvict and BUZZ's hash scorer: SimHash codes of the fp32 inputs; SnapKV's prompt cut: votes of the fp32 prompt attention)
-//   keep the same positions in every type; attention-scored ones (H2O, TOVA, the test policy) report
-//   their decision agreement (mean Jaccard of kept sets) in half/bf16 and must stay above 0.75 (a rounding
-//   flip between two near-least tokens persists until one of them leaves, so some divergence is expected).
+//   Policies whose decisions do not read attention probabilities (norms and SimHash codes are of the fp32
+//   inputs; prompt votes of the fp32 prompt attention) keep the same positions in every type; attention-scored
+//   ones report their decision agreement (mean Jaccard of kept sets) in half/bf16 and must stay above 0.75 (a
+//   rounding flip between two near-least tokens persists until one of them leaves, so some divergence is
+//   expected).
 #pragma once
 
 #include <kvtrim/cuda/cuda_backend.cuh>
@@ -19,7 +23,6 @@
 #include <set>
 #include <string>
 
-#include "policies.hpp"
 #include "testing.hpp"
 
 namespace kvtest {
@@ -139,84 +142,68 @@ inline std::shared_ptr<const kvtrim::EigenBasis> random_basis(const kvtrim::Cach
   return std::make_shared<const kvtrim::EigenBasis>(cal.basis({.key_rank = key_rank, .value_rank = value_rank}));
 }
 
+// One comparison: a registered policy, parameter settings over its registry defaults, a shape, a prompt length
+// and the total number of tokens.
+struct Case {
+  const char* policy;
+  const char* settings;
+  int group, head_dim, budget, prompt, total;
+};
+
+inline const Case kCases[] = {
+    {"full", "", 4, 64, 120, 50, 120},
+    {"streaming", "sinks=4", 8, 128, 300, 400, 700},            // several decode splits
+    {"streaming", "sinks=2,window=20", 6, 32, 40, 0, 120},      // decode only, query tiles of 2
+    {"h2o", "heavy_ratio=0.5,sinks=2", 4, 64, 48, 80, 200},
+    {"h2o", "sinks=4", 8, 256, 300, 100, 360},                  // shared memory above 48 KiB
+    {"tova", "recent=1", 2, 64, 40, 70, 160},
+    {"l2norm", "sinks=2,recent=4", 4, 128, 48, 90, 200},
+    {"hashevict", "bits=16,sinks=4,recent=6", 4, 64, 48, 80, 200},
+    {"hashevict", "bits=64,sinks=2,recent=4,probe=key,prompt=hash", 2, 128, 40, 90, 200},
+    {"snapkv", "window=8,kernel=5,capacity=40", 4, 64, 64, 150, 174},
+    {"snapkv+h2o", "window=6,decode.sinks=2", 4, 64, 48, 120, 220},
+    {"buzz", "sinks=2", 4, 64, 48, 120, 500},
+    {"buzz-hash", "sinks=4", 2, 64, 40, 100, 400},
+    {"ems", "sinks=2,recent=4,local_window=8,merge_similarity=0.1", 4, 64, 48, 90, 220},
+    {"ems", "sinks=2,recent=2,merge_similarity=-1,merge_keys=false,merge_into_sinks=true,coverage=0.5,min_keep=0.4", 2,
+     64, 40, 100, 220},
+    {"eigen+full", "", 4, 64, 160, 60, 160},  // ranks 13 and 10 padded to 16
+    {"eigen+h2o", "inner.sinks=2", 2, 64, 48, 80, 200},
+};
+
+// Runs one registered policy with `settings` over its registry defaults.
+template <class T>
+void compare_case(const Case& c) {
+  const auto cfg = shape(c.group, c.head_dim, c.budget);
+  kvtrim::with_policy(c.policy, [&](const auto& entry) {
+    using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+    auto params = entry.params();
+    kvtrim::set_params(params, entry.parse_settings(c.settings));
+    if constexpr (kvtrim::Entry<P>::kNeedsBasis) params.basis = random_basis(cfg, 13, 10);
+    // decisions that read no attention probabilities are the same in every storage type
+    constexpr bool exact = std::is_same_v<T, float> || !kvtrim::has(P::kSignals, kvtrim::Signals::kAttention);
+    INFO(c.policy << " " << c.settings);
+    compare_with_cpu<P, T>(params, cfg, c.prompt, c.total, exact);
+  });
+}
+
 template <class T>
 void all_policies() {
-  SECTION("FullCache: prompt, then decode to the budget") {
-    compare_with_cpu<kvtrim::FullCache, T>({}, shape(4, 64, 120), 50, 120, true);
+  SECTION("every registered policy with its registry parameters") {
+    kvtrim::for_each_policy([&](const auto& entry) {
+      using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+      const auto cfg = shape(4, 64, 48);
+      auto params = entry.params();
+      if constexpr (kvtrim::Entry<P>::kNeedsBasis) params.basis = random_basis(cfg, 22, 30);
+      constexpr bool exact = std::is_same_v<T, float> || !kvtrim::has(P::kSignals, kvtrim::Signals::kAttention);
+      const int prompt = kvtrim::never_evicts_in_decode<P>() ? 20 : 80;
+      const int total = kvtrim::never_evicts_in_decode<P>() ? 48 : 200;
+      INFO(entry.name());
+      compare_with_cpu<P, T>(params, cfg, prompt, total, exact);
+    });
   }
-  SECTION("StreamingLLM: prompt longer than the budget, several decode splits") {
-    compare_with_cpu<kvtrim::StreamingLLM, T>({.sinks = 4}, shape(8, 128, 300), 400, 700, true);
-  }
-  SECTION("StreamingLLM: explicit window, decode only, group of 6 (query tiles of 2)") {
-    compare_with_cpu<kvtrim::StreamingLLM, T>({.sinks = 2, .window = 20}, shape(6, 32, 40), 0, 120, true);
-  }
-  SECTION("Accumulated attention (probabilities from the decode kernel, prompt column sums)") {
-    compare_with_cpu<kvtest::AccumAttention, T>({.recent = 4}, shape(4, 64, 48), 80, 200,
-                                                std::is_same_v<T, float>);
-  }
-  SECTION("H2O (heavy hitters + recent window, sinks)") {
-    compare_with_cpu<kvtrim::H2O, T>({.heavy_ratio = 0.5, .sinks = 2}, shape(4, 64, 48), 80, 200,
-                                     std::is_same_v<T, float>);
-  }
-  SECTION("TOVA (last query's attention; prompt window of one row)") {
-    compare_with_cpu<kvtrim::TOVA, T>({.recent = 1}, shape(2, 64, 40), 70, 160, std::is_same_v<T, float>);
-  }
-  SECTION("L2Norm (norms of the fp32 input keys: same decisions in every type)") {
-    compare_with_cpu<kvtrim::L2Norm, T>({.sinks = 2, .recent = 4}, shape(4, 128, 48), 90, 200, true);
-  }
-  SECTION("HashEvict, query probe (SimHash codes of the fp32 inputs: same decisions in every type)") {
-    compare_with_cpu<kvtrim::HashEvict, T>({.bits = 16, .sinks = 4, .recent = 6}, shape(4, 64, 48), 80, 200, true);
-  }
-  SECTION("HashEvict, key probe, hashed prompt, 64 bits, head_dim 128") {
-    compare_with_cpu<kvtrim::HashEvict, T>({.bits = 64,
-                                            .sinks = 2,
-                                            .recent = 4,
-                                            .probe = kvtrim::HashProbe::kKey,
-                                            .prompt = kvtrim::HashPromptMode::kHash},
-                                           shape(2, 128, 40), 90, 200, true);
-  }
-  SECTION("SnapKV (fp32 prompt votes: same prompt cut in every type), then append up to the budget") {
-    compare_with_cpu<kvtrim::SnapKV<>, T>({.window = 8, .kernel = 5, .capacity = 40}, shape(4, 64, 64), 150, 174,
-                                          true);
-  }
-  SECTION("SnapKV prompt cut, then H2O decode") {
-    compare_with_cpu<kvtrim::SnapKV<kvtrim::H2O>, T>({.window = 6, .decode = {.sinks = 2}}, shape(4, 64, 48), 120,
-                                                     220, std::is_same_v<T, float>);
-  }
-  SECTION("BUZZ (structured re-segmentation on the device), budget-derived window and threshold") {
-    compare_with_cpu<kvtrim::Buzz<>, T>({.sinks = 2, .window = 0, .threshold = 0}, shape(4, 64, 48), 120, 500,
-                                        std::is_same_v<T, float>);
-  }
-  SECTION("BUZZ with the hash scorer (codes of the fp32 inputs: same decisions in every type)") {
-    compare_with_cpu<kvtrim::Buzz<kvtrim::HashScorer>, T>({.sinks = 4, .window = 0, .threshold = 0}, shape(2, 64, 40),
-                                                          100, 400, true);
-  }
-  SECTION("EMS (decode merges on the device, prompt by the CPU policy on the host)") {
-    compare_with_cpu<kvtrim::Ems, T>({.sinks = 2, .recent = 4, .local_window = 8, .merge_similarity = 0.1f},
-                                     shape(4, 64, 48), 90, 220, std::is_same_v<T, float>);
-  }
-  SECTION("EMS, head-wise adaptation (a smaller decode target), values-only merges into any slot") {
-    compare_with_cpu<kvtrim::Ems, T>({.sinks = 2,
-                                      .recent = 2,
-                                      .merge_similarity = -1.0f,
-                                      .merge_keys = false,
-                                      .merge_into_sinks = true,
-                                      .coverage = 0.5f,
-                                      .min_keep = 0.4f},
-                                     shape(2, 64, 40), 100, 220, std::is_same_v<T, float>);
-  }
-  SECTION("Eigen Attention over FullCache (cuBLAS projections, ranks 13 and 10 padded to 16)") {
-    const auto cfg = shape(4, 64, 160);
-    compare_with_cpu<kvtrim::EigenAttention<>, T>({.basis = random_basis(cfg, 13, 10)}, cfg, 60, 160, true);
-  }
-  SECTION("Eigen Attention over H2O (decisions on the projected attention)") {
-    const auto cfg = shape(2, 64, 48);
-    compare_with_cpu<kvtrim::EigenAttention<kvtrim::H2O>, T>(
-        {.basis = random_basis(cfg, 22, 30), .inner = {.sinks = 2}}, cfg, 80, 200, std::is_same_v<T, float>);
-  }
-  SECTION("Accumulated attention, head_dim 256 (shared memory above 48 KiB), group 8") {
-    compare_with_cpu<kvtest::AccumAttention, T>({.recent = 8}, shape(8, 256, 300), 100, 360,
-                                                std::is_same_v<T, float>);
+  SECTION("parameter variants and shapes") {
+    for (const Case& c : kCases) compare_case<T>(c);
   }
 }
 

@@ -3,6 +3,7 @@
 #include "backend_vs_cpu.cuh"
 
 using namespace kvtest;
+using Streaming = kvtrim::RegisteredPolicy<kvtrim::policy_index("streaming")>;
 
 TEST_CASE("CudaBackend<float> matches the CPU backend", "[cuda][gpu][float]") { all_policies<float>(); }
 
@@ -32,8 +33,8 @@ TEST_CASE("CudaBackend accepts device pointers and an explicit stream", "[cuda][
   if (!have_gpu()) return;
   auto cfg = shape(4, 64, 32);
   cfg.check_finite = false;  // device inputs: KVCache cannot read them on the host
-  kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<__half>> dev(cfg, {.sinks = 2});
-  kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<__half>> host(cfg, {.sinks = 2});
+  kvtrim::KVCache<Streaming, kvtrim::CudaBackend<__half>> dev(cfg, {.sinks = 2});
+  kvtrim::KVCache<Streaming, kvtrim::CudaBackend<__half>> host(cfg, {.sinks = 2});
   cudaStream_t stream = nullptr;
   KVTRIM_CUDA_CHECK(cudaStreamCreate(&stream));
   dev.backend().set_stream(stream);
@@ -77,6 +78,6 @@ TEST_CASE("CudaBackend construction errors", "[cuda][errors]") {
   }
   REQUIRE_THROWS_WITH((kvtrim::KVCache<kvtrim::FullCache, kvtrim::CudaBackend<float>>(shape(2, 6, 16))),
                       Catch::Matchers::Contains("head_dim is 6"));
-  REQUIRE_THROWS_WITH((kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<float>>(cfg, {.sinks = 16})),
+  REQUIRE_THROWS_WITH((kvtrim::KVCache<Streaming, kvtrim::CudaBackend<float>>(cfg, {.sinks = 16})),
                       Catch::Matchers::Contains("sinks"));
 }

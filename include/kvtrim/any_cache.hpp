@@ -84,7 +84,7 @@ class AnyCacheOf final : public AnyCache {
 };
 
 // What make_cache needs besides the shape: parameter overrides ("key", "value"), applied over the registry
-// entry's defaults, and a calibrated basis for the policies that store low-rank keys (EigenAttention).
+// entry's defaults, and a calibrated basis for the policies that store low-rank keys (Entry::kNeedsBasis).
 struct PolicyOptions {
   std::vector<std::pair<std::string, std::string>> params;
   std::shared_ptr<const EigenBasis> basis;

@@ -46,6 +46,9 @@ class HeadStore {
   int value_dim() const { return dv_; }
 
   std::int64_t pos(int i) const { return pos_[i]; }
+  const std::int64_t* pos_data() const { return pos_.data(); }
+  Meta* meta_data() { return meta_.data(); }
+  const Meta* meta_data() const { return meta_.data(); }
   Meta& meta(int i) { return meta_[i]; }
   const Meta& meta(int i) const { return meta_[i]; }
   float* key_ptr(int i) { return keys_.data() + static_cast<std::size_t>(i) * dk_; }

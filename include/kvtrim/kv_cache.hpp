@@ -14,11 +14,12 @@
 #include <vector>
 
 #include "config.hpp"
-#include "cpu_backend.hpp"
 #include "error.hpp"
 #include "policy.hpp"
 
 namespace kvtrim {
+
+struct CpuBackend;  // cpu_backend.hpp; any backend with the same Impl interface works (the CUDA one, for instance)
 
 // decode() without an explicit position takes the next one after the layer's last token.
 inline constexpr std::int64_t kNextPosition = -1;
@@ -139,7 +140,7 @@ class KVCache {
                  cfg_.n_kv_heads - 1);
     return impl_.head(layer, kv_head);
   }
-  // A policy that never evicts (FullCache; SnapKV<FullCache> once its prompt is compressed) cannot make
+  // A policy that never evicts (FullCache; a prompt compressor over FullCache once its prompt is done) cannot make
   // room: refuse the tokens before anything changes.
   void check_capacity(int layer, int incoming, bool prefill) const {
     if (!(prefill ? never_evicts_in_prefill<P>() : never_evicts_in_decode<P>())) return;
@@ -153,7 +154,9 @@ class KVCache {
   }
   void check_finite(std::span<const float> x, const char* op, const char* name) const {
     if (!cfg_.check_finite) return;
-    if (Eigen::Map<const Eigen::ArrayXf>(x.data(), static_cast<Eigen::Index>(x.size())).allFinite()) return;
+    bool finite = true;
+    for (float e : x) finite &= (e - e) == 0.0f;  // false for NaN and +-Inf; a branch-free pass the compiler vectorises
+    if (finite) return;
     for (std::size_t i = 0; i < x.size(); ++i)
       KVTRIM_CHECK(std::isfinite(x[i]), op, ": ", name, "[", i, "] is ", x[i],
                    "; inputs must be finite (NaN/Inf would make attention and eviction undefined)");

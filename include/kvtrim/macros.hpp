@@ -8,3 +8,11 @@
 #else
 #define KVTRIM_HOST_DEVICE
 #endif
+
+// Host functions that hot loops compiled for a wider instruction set (cpu_selection.hpp's dispatch) must inline,
+// so that they are vectorised for that instruction set too.
+#if defined(__GNUC__) || defined(__clang__)
+#define KVTRIM_ALWAYS_INLINE __attribute__((always_inline)) inline
+#else
+#define KVTRIM_ALWAYS_INLINE inline
+#endif

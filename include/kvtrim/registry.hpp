@@ -48,16 +48,22 @@ struct Entry {
   // Whether the policy needs a calibrated basis (Params::basis) before it can be built.
   static constexpr bool kNeedsBasis = requires(typename P::Params p) { p.basis; };
 
-  // "a=1,b=x" -> {{"a","1"},{"b","x"}}; an item without '=' is an error.
+  // "a=1,b=x" -> {{"a","1"},{"b","x"}}. A piece without '=' continues the previous value, so list values keep
+  // their commas ("skip_layers=0,1,sinks=4"); a first piece without '=' is an error.
   static std::vector<std::pair<std::string, std::string>> parse_settings(std::string_view text) {
     std::vector<std::pair<std::string, std::string>> out;
     while (!text.empty()) {
       const std::size_t comma = std::min(text.find(','), text.size());
       const std::string_view item = text.substr(0, comma);
       const std::size_t eq = item.find('=');
-      KVTRIM_CHECK(eq != std::string_view::npos && eq > 0, "parameter setting '", item,
-                   "' is not of the form key=value");
-      out.emplace_back(std::string(item.substr(0, eq)), std::string(item.substr(eq + 1)));
+      if (eq == std::string_view::npos && !out.empty()) {
+        out.back().second.push_back(',');
+        out.back().second.append(item);
+      } else {
+        KVTRIM_CHECK(eq != std::string_view::npos && eq > 0, "parameter setting '", item,
+                     "' is not of the form key=value");
+        out.emplace_back(std::string(item.substr(0, eq)), std::string(item.substr(eq + 1)));
+      }
       text.remove_prefix(std::min(comma + 1, text.size()));
     }
     return out;
@@ -74,6 +80,7 @@ inline constexpr auto kPolicies = std::tuple{
     Entry<HashEvict>{},
     Entry<SnapKV<FullCache>>{},
     Entry<SnapKV<H2O>>{},
+    Entry<SnapKV<TOVA>>{},
     Entry<Buzz<AccumulatedAttention>>{"window=0,threshold=0"},
     Entry<Buzz<HashScorer>>{"window=0,threshold=0"},
     Entry<Ems>{},
@@ -86,7 +93,7 @@ inline constexpr std::size_t kPolicyCount = std::tuple_size_v<std::remove_cvref_
 
 // f(entry) for every registered policy, in registry order.
 template <class F>
-void for_each_policy(F&& f) {
+constexpr void for_each_policy(F&& f) {
   std::apply([&](const auto&... e) { (f(e), ...); }, kPolicies);
 }
 
@@ -112,6 +119,55 @@ void with_policy(std::string_view name, F&& f) {
   for (std::string_view n : policy_names()) valid += (valid.empty() ? "" : ", ") + std::string(n);
   detail::throw_error("unknown policy '", name, "'; the registered policies are ", valid);
 }
+
+// The registry entry of policy P (a compile-time error when P is not registered).
+template <class P>
+constexpr Entry<P> entry_of() {
+  Entry<P> out{};
+  bool found = false;
+  std::apply(
+      [&](const auto&... e) {
+        (
+            [&] {
+              if constexpr (std::is_same_v<typename std::remove_cvref_t<decltype(e)>::Policy, P>) {
+                out = e;
+                found = true;
+              }
+            }(),
+            ...);
+      },
+      kPolicies);
+  if (!found) throw Error("entry_of: the policy is not registered");  // at compile time: not a constant expression
+  return out;
+}
+
+// The index of the policy registered as `name` (a compile-time error when there is none).
+consteval std::size_t policy_index(std::string_view name) {
+  std::size_t index = 0, found = kPolicyCount;
+  for_each_policy([&](const auto& e) {
+    if (e.name() == name) found = index;
+    ++index;
+  });
+  if (found == kPolicyCount) throw Error("policy_index: no registered policy has this name");
+  return found;
+}
+// The registered policy with index I, e.g. RegisteredPolicy<policy_index("snapkv+h2o")>: for code that must not
+// spell a policy's type (tests of compositions, benchmarks).
+template <std::size_t I>
+using RegisteredPolicy = typename std::tuple_element_t<I, std::remove_cvref_t<decltype(kPolicies)>>::Policy;
+
+// The same by name in host code: PolicyNamed<"snapkv+h2o"> (nvcc's kernel stubs cannot spell this alias's
+// string argument; .cu files use RegisteredPolicy<policy_index(...)>).
+template <std::size_t N>
+struct PolicyName {
+  char chars[N]{};
+  constexpr PolicyName(const char (&s)[N]) {
+    for (std::size_t i = 0; i < N; ++i) chars[i] = s[i];
+  }
+  constexpr std::string_view view() const { return {chars, N - 1}; }
+};
+template <PolicyName Name>
+using PolicyNamed = RegisteredPolicy<policy_index(Name.view())>;
 
 // A type list of the registered policies (for Catch2's TEMPLATE_LIST_TEST_CASE and similar).
 template <class... P>

@@ -1,17 +1,16 @@
-// kvtrim: victim selection shared by the policies.
+// kvtrim: the selection rule every backend applies to a policy's scores.
 //
-// Convention: a policy scores every slot by how much it deserves to stay (higher = keep). The victim is
-// the unprotected slot with the lowest score; among equal scores the oldest position goes first, so
-// decisions never depend on slot order. NaN cannot reach a score: the cache rejects non-finite inputs.
+// Convention: a policy scores every slot by how much it deserves to stay (higher = keep). The victim is the
+// unprotected slot with the lowest score; among equal scores the oldest position goes first, so decisions never
+// depend on slot order or on the order in which a parallel reduction meets the candidates. NaN cannot reach a
+// score: the cache rejects non-finite inputs (with check_finite off, a NaN score compares false and is simply
+// never preferred).
 #pragma once
 
-#include <algorithm>
+#include <cmath>
 #include <cstdint>
-#include <limits>
-#include <vector>
+#include <cstring>
 
-#include "error.hpp"
-#include "head_store.hpp"
 #include "macros.hpp"
 
 namespace kvtrim {
@@ -21,86 +20,60 @@ struct Protection {
   int sinks = 0;
   int recent = 0;
   KVTRIM_HOST_DEVICE bool protects(std::int64_t pos, std::int64_t newest) const {
-    return pos < sinks || pos > newest - recent;
+    return (pos < sinks) | (pos > newest - recent);  // no short circuit: a branch-free test the loops vectorise
   }
 };
 
+// true for the first `limit` calls with the same counter (e.g. marking the first tokens of a sequence as sinks).
+KVTRIM_HOST_DEVICE inline bool take_first(int& taken, int limit) {
+  if (taken >= limit) return false;
+  ++taken;
+  return true;
+}
+
 // true when slot a should be evicted before slot b.
-KVTRIM_HOST_DEVICE inline bool evicts_before(float score_a, std::int64_t pos_a, float score_b,
-                                             std::int64_t pos_b) {
+KVTRIM_HOST_DEVICE inline bool evicts_before(float score_a, std::int64_t pos_a, float score_b, std::int64_t pos_b) {
   return score_a < score_b || (score_a == score_b && pos_a < pos_b);
 }
 
-// The unprotected slot with the lowest score (oldest on ties), or -1 when every slot is protected.
-template <class Meta, class ScoreFn>
-int lowest_unprotected(const HeadStore<Meta>& h, Protection pr, ScoreFn&& score) {
-  const std::int64_t newest = h.newest_pos();
-  int best = -1;
-  float best_score = 0.0f;
-  std::int64_t best_pos = 0;
-  for (int i = 0; i < h.size(); ++i) {
-    const std::int64_t p = h.pos(i);
-    if (pr.protects(p, newest)) continue;
-    const float s = score(i);
-    if (best < 0 || evicts_before(s, p, best_score, best_pos)) {
-      best = i;
-      best_score = s;
-      best_pos = p;
-    }
-  }
-  return best;
+// A candidate victim: slot < 0 means "no candidate" (every slot seen so far was protected).
+struct VictimKey {
+  float score = 0.0f;
+  std::int64_t pos = 0;
+  int slot = -1;
+};
+
+// The candidate that should be evicted first of a and b; associative and commutative because positions within a
+// head are unique, so a tree reduction in any order finds the same slot as a sequential scan.
+KVTRIM_HOST_DEVICE inline VictimKey better_victim(const VictimKey& a, const VictimKey& b) {
+  if (a.slot < 0) return b;
+  if (b.slot < 0) return a;
+  return evicts_before(b.score, b.pos, a.score, a.pos) ? b : a;
 }
 
-// Evicts lowest-scored unprotected slots one at a time until the head is within budget.
-template <class Meta, class ScoreFn>
-void evict_lowest_until_budget(HeadStore<Meta>& h, Protection pr, ScoreFn&& score, const char* policy) {
-  while (h.size() > h.budget()) {
-    const int v = lowest_unprotected(h, pr, score);
-    KVTRIM_CHECK(v >= 0, policy, ": every token is protected (sinks ", pr.sinks, " + recent ", pr.recent,
-                 ") but the budget is ", h.budget());
-    h.remove(v);
-  }
+// Sort key of a prompt token: ascending keys = evict first. The high 32 bits are the score mapped to an unsigned
+// integer of the same order (-0 and +0 equal, as operator< sees them), the low 32 bits the token index, which is
+// the position order of the prompt; so one sort of unique keys reproduces evicts_before (lowest score, oldest on
+// ties) with no reliance on sort stability. Protected tokens get +inf; a NaN score (non-finite inputs with
+// check_finite off) counts as -inf, so it can never outrank a protected token.
+KVTRIM_HOST_DEVICE inline std::uint32_t ordered_bits(float s) {
+  s = s + 0.0f;  // -0 -> +0
+#if defined(__CUDA_ARCH__)
+  const std::uint32_t u = __float_as_uint(s);
+#else
+  std::uint32_t u;
+  std::memcpy(&u, &s, sizeof u);
+#endif
+  // negative: flip every bit; otherwise set the sign bit (branch-free, so loops over slots vectorise)
+  return u ^ (static_cast<std::uint32_t>(static_cast<std::int32_t>(u) >> 31) | 0x80000000u);
 }
-
-// Keeps the protected slots plus the highest-scored others (newest on ties) up to the budget; used to
-// compress a prompt in one pass. `keep` is scratch space (reused, not shrunk).
-template <class Meta, class ScoreFn>
-void keep_top_scored(HeadStore<Meta>& h, Protection pr, ScoreFn&& score, std::vector<int>& keep,
-                     const char* policy) {
-  if (h.size() <= h.budget()) return;
-  const std::int64_t newest = h.newest_pos();
-  keep.clear();
-  std::vector<int> candidates;
-  candidates.reserve(static_cast<std::size_t>(h.size()));
-  for (int i = 0; i < h.size(); ++i) (pr.protects(h.pos(i), newest) ? keep : candidates).push_back(i);
-  KVTRIM_CHECK(static_cast<int>(keep.size()) <= h.budget(), policy, ": ", keep.size(),
-               " protected tokens (sinks ", pr.sinks, " + recent ", pr.recent, ") exceed the budget ",
-               h.budget());
-  const std::size_t room = static_cast<std::size_t>(h.budget()) - keep.size();
-  std::vector<float> s(static_cast<std::size_t>(h.size()));
-  for (int i : candidates) s[i] = score(i);
-  auto keeps_before = [&](int a, int b) { return evicts_before(s[b], h.pos(b), s[a], h.pos(a)); };
-  if (room < candidates.size()) {
-    std::nth_element(candidates.begin(), candidates.begin() + static_cast<std::ptrdiff_t>(room),
-                     candidates.end(), keeps_before);
-    candidates.resize(room);
-  }
-  keep.insert(keep.end(), candidates.begin(), candidates.end());
-  h.keep_only(keep);
+KVTRIM_HOST_DEVICE inline std::uint64_t prompt_sort_key(float score, int token) {
+  const float s = score != score ? -INFINITY : score;
+  return (static_cast<std::uint64_t>(ordered_bits(s)) << 32) | static_cast<std::uint32_t>(token);
 }
-
-// Cuts a freshly loaded prompt (token i in slot i) to the sinks (positions < sinks) plus the newest tokens
-// that still fit the budget: StreamingLLM-style truncation. `keep` is scratch space.
-template <class Meta>
-void keep_sinks_and_newest(HeadStore<Meta>& h, int sinks, std::vector<int>& keep) {
-  if (h.size() <= h.budget()) return;
-  keep.clear();
-  int n_sinks = 0;
-  for (int i = 0; i < h.size(); ++i) n_sinks += h.pos(i) < sinks ? 1 : 0;
-  const int room = h.budget() - n_sinks;
-  for (int i = 0; i < h.size(); ++i)
-    if (h.pos(i) < sinks || i >= h.size() - room) keep.push_back(i);
-  h.keep_only(keep);
+KVTRIM_HOST_DEVICE inline int sort_key_token(std::uint64_t key) { return static_cast<int>(key & 0xffffffffu); }
+KVTRIM_HOST_DEVICE inline bool sort_key_protected(std::uint64_t key) {
+  return static_cast<std::uint32_t>(key >> 32) == ordered_bits(INFINITY);
 }
 
 }  // namespace kvtrim

@@ -14,7 +14,7 @@ namespace kvtrim {
 enum class Signals : std::uint32_t {
   kNone = 0,
   kAttention = 1u << 0,  // per-slot attention probabilities of the step (decode) / column sums (prefill)
-  kQuery = 1u << 1,      // the new token's queries before attention (e.g. HashEvict's query probe)
+  kQuery = 1u << 1,      // the new token's queries before attention (e.g. to hash them as a probe)
 };
 
 constexpr Signals operator|(Signals a, Signals b) {
@@ -26,9 +26,9 @@ constexpr bool has(Signals set, Signals flag) {
 
 // When a decode step makes room for the new token.
 //  kAfterAttention:  the new token joins the cache, attention runs over budget + 1 slots, then the policy
-//                    evicts (H2O, TOVA, BUZZ, EMS: they score with this step's attention).
+//                    evicts (score-based policies: they score with this step's attention).
 //  kBeforeAttention: the policy evicts before attention, so the step attends only to what is kept
-//                    (HashEvict overwrites the victim's slot with the new token, as in the paper).
+//                    (a policy that predicts the victim from the new token, before it attends).
 enum class EvictTiming { kAfterAttention, kBeforeAttention };
 
 // How the scores of the query heads that share one KV head (GQA) become one score per KV slot.

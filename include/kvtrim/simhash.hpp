@@ -1,7 +1,7 @@
 // kvtrim: SimHash — signs of a seeded Gaussian random projection, packed into one 64-bit word.
 //
 // Two vectors at angle θ agree on each bit with probability 1 − θ/π (Charikar 2002), so the Hamming distance
-// between two codes estimates the angle between the vectors. HashEvict (arXiv 2412.16187) uses it to predict,
+// between two codes estimates the angle between the vectors. arXiv 2412.16187 uses it to predict,
 // before attention, which cached key the current query attends to least.
 //
 // Contents:
@@ -9,7 +9,7 @@
 //    is reproducible from its seed on every platform and standard library (std::normal_distribution is not
 //    specified bit for bit and differs between libstdc++, libc++ and MSVC).
 //  - SimHashProjection: a `bits x dim` matrix of N(0, 1) entries drawn with Box-Muller from splitmix64.
-//  - simhash_code(): bit j = [x · row_j >= 0]; an exact 0 maps to bit 1 like the official HashEvict code
+//  - simhash_code(): bit j = [x · row_j >= 0]; an exact 0 maps to bit 1 like that paper's official code
 //    (torch.sign then >= 0). Bit j of the result is bit j of the code; bits above `bits` are 0.
 //  - hamming(): popcount of the XOR of two codes.
 //
@@ -106,6 +106,9 @@ class SimHashProjection {
       m_[i] = static_cast<float>(r * std::cos(kTwoPi * u2));
       if (i + 1 < n) m_[i + 1] = static_cast<float>(r * std::sin(kTwoPi * u2));
     }
+    t_.resize(n);
+    for (int j = 0; j < bits; ++j)
+      for (int c = 0; c < dim; ++c) t_[static_cast<std::size_t>(c) * bits + j] = at(j, c);
   }
 
   int dim() const { return dim_; }
@@ -118,10 +121,27 @@ class SimHashProjection {
 
   std::uint64_t code(const float* x) const { return simhash_code(m_.data(), dim_, bits_, x); }
 
+  // The same code as code(x), bit for bit (each bit's products rounded and summed in index order), computed from
+  // the transposed matrix so that the bits accumulate side by side: the loop over bits vectorises, the order
+  // within each bit is unchanged. For hot paths on the host (and inlined into vectorised callers).
+  KVTRIM_ALWAYS_INLINE std::uint64_t code_by_columns(const float* x) const {
+    float acc[kSimHashMaxBits] = {};
+    const float* t = t_.data();
+    for (int c = 0; c < dim_; ++c) {
+      const float xc = x[c];
+      const float* col = t + static_cast<std::size_t>(c) * bits_;
+      for (int j = 0; j < bits_; ++j) acc[j] += col[j] * xc;
+    }
+    std::uint64_t code = 0;
+    for (int j = 0; j < bits_; ++j) code |= static_cast<std::uint64_t>(acc[j] >= 0.0f) << j;
+    return code;
+  }
+
  private:
   int dim_ = 0, bits_ = 0;
   std::uint64_t seed_ = 0;
   std::vector<float> m_;
+  std::vector<float> t_;  // the transpose, [dim x bits]
 };
 
 }  // namespace kvtrim

@@ -11,19 +11,26 @@
 //  - every survivor becomes an old sample. Old history thus gets geometrically sparser (the beehive).
 // With the defaults a re-segmentation fires about every 308 decode steps and the middle settles near
 // x* = T / (1 + s(1 − 1/h)) ≈ 92 tokens right after one (T = 400, s = 5, h = 3).
+// The rules decide every slot at once (kStructured), by counting instead of sorting, so that a GPU block runs
+// one pass in parallel: a sink stays; a non-sink whose rank by position among the non-sinks is >= n_mid
+// (= non-sinks - window) is in the window and stays; an old sample stays when the number of older old samples
+// is a multiple of the stride; any other middle token belongs to chunk (number of older new-segment tokens) /
+// chunk and stays when no member of its chunk beats it (higher score; equal score and older, or newer with
+// keep_oldest_on_tie = false); every middle token that stays becomes an old sample.
 //
 // The score is pluggable: `Buzz<Scorer>`. The scorer decides which token of a chunk survives:
 //  - AccumulatedAttention (default, the paper): sum of the attention probabilities each token received since
 //    it joined, over all queries (prompt column sums at prefill, one row per decode step); GQA: the g query
 //    heads of a KV group are reduced by `reduce` (mean by default; sum and max available).
-//  - HashScorer (HashEvict-style, arXiv 2412.16187): each token keeps the SimHash code of its key
+//  - HashScorer (the SimHash idea of arXiv 2412.16187): each token keeps the SimHash code of its key
 //    (simhash.hpp); the survivor is the chunk token whose code is closest in Hamming distance to the current
 //    query's code (GQA: distances summed over the group by default, or max). Needs no attention.
 // A composed policy is just a type: KVCache<Buzz<HashScorer>>.
-// Scorer contract (see AccumulatedAttention): Params, trivially copyable SlotMeta, HeadState, kSignals,
-// kBuzzName, a (Params, LayerContext) constructor, on_insert / on_attention / on_prompt hooks taking the
-// scorer's HeadState and a ScorerSlots view, and `float score(const HeadState&, const ScorerSlots&, int slot)`
-// (higher = survives). Scorers may keep state only in HeadState / SlotMeta during decode.
+// Scorer contract (see AccumulatedAttention): Params, trivially copyable SlotMeta and State, kSignals,
+// kBuzzName, a (Params, LayerContext) constructor, `State initial() const`, and KVTRIM_HOST_DEVICE static rules
+// on_insert(State&, SlotMeta&, std::int64_t pos, const TokenInputs&), on_prompt(const State&, SlotMeta&, int t, const
+// PromptSums&), score(const State&, const SlotMeta&) (higher = survives its chunk), plus group_reduce and
+// on_attention for kAttention scorers and kSimHash + projection(head_dim) for scorers that need SimHash codes.
 //
 // Parameters (defaults = official main_run.py):
 //  sinks 4, window 160, threshold 400 (T, official sample_threshold), chunk 5 (s, official sample_stride),
@@ -39,7 +46,7 @@
 //
 // Choices where the paper / official code is silent or differs from this library:
 //  - Post-RoPE keys at their original positions. The official code caches pre-RoPE keys and re-rotates
-//    them with contiguous in-cache indices every step (StreamingLLM pos-shift); kvtrim's cache receives
+//    them with contiguous in-cache indices every step (the attention-sink papers' pos-shift); kvtrim's cache receives
 //    rotated keys, so there is no pos-shift here. This changes attention outputs versus the official code,
 //    not which tokens the structure keeps for given scores.
 //  - Sinks are the first `sinks` tokens the cache sees; the window is the `window` newest positions; the
@@ -62,47 +69,22 @@
 // re-segmentation costs O(B log B) (one sort by position) and fires once per ≈ T − x* steps, so the
 // amortised cost is independent of n. The geometric thinning keeps about log_h(n) "generations" of old
 // samples, which is the likely reading of "log n"; the TIST "BUZZ with log n" variant whose threshold grows
-// with n is not implemented (a fixed-capacity store cannot grow T).
-// During decode only HeadState scratch (`order`, `keep`, reserved to budget + 1 on first use) is written.
+// with n is not implemented (a fixed-capacity store cannot grow T). The counting rules cost O(n^2) per
+// re-segmentation pass (O(n^2 / threads) on a GPU block); at the budgets BUZZ is run with this stays small
+// next to the ≈ T − x* attention steps between two re-segmentations.
 #pragma once
 
-#include <algorithm>
+#include <cmath>
 #include <concepts>
 #include <cstdint>
 #include <string_view>
-#include <vector>
+#include <tuple>
 
 #include "../policy.hpp"
+#include "../select.hpp"
 #include "../simhash.hpp"
-#include "streaming_llm.hpp"
 
 namespace kvtrim {
-
-// Per-token math shared with a GPU backend.
-KVTRIM_HOST_DEVICE inline float buzz_accumulate(float score, float p) { return score + p; }
-
-// Affinity of a key code to the group's query codes: minus the summed (or the largest) Hamming distance.
-KVTRIM_HOST_DEVICE inline float buzz_hash_affinity(std::uint64_t key_code, const std::uint64_t* query_codes,
-                                                   int group, bool use_max) {
-  int total = 0;
-  for (int g = 0; g < group; ++g) {
-    const int d = hamming(key_code, query_codes[g]);
-    total = use_max ? (d > total ? d : total) : total + d;
-  }
-  return -static_cast<float>(total);
-}
-
-// A scorer's view of a head's slots: positions, keys and the scorer's own per-slot metadata.
-template <class Head>
-struct ScorerSlots {
-  Head& h;
-  int size() const { return h.size(); }
-  int key_dim() const { return h.key_dim(); }
-  std::int64_t pos(int i) const { return h.pos(i); }
-  const float* key_ptr(int i) const { return h.key_ptr(i); }
-  auto& meta(int i) { return h.meta(i).scorer; }
-  const auto& meta(int i) const { return h.meta(i).scorer; }
-};
 
 // Default BUZZ scorer: accumulated attention since the token joined.
 struct AccumulatedAttention {
@@ -113,38 +95,34 @@ struct AccumulatedAttention {
   struct SlotMeta {
     float score = 0.0f;
   };
-  struct HeadState {};
+  struct State {
+    GroupReduce reduce = GroupReduce::kMean;
+  };
   static constexpr std::string_view kBuzzName = "buzz";
   static constexpr Signals kSignals = Signals::kAttention;
 
   AccumulatedAttention(const Params& p, const LayerContext&) : p_(p) {}
+  State initial() const { return {p_.reduce}; }
 
-  template <class Slots>
-  void on_insert(HeadState&, Slots&, const StepContext&) const {}
-  template <class Slots>
-  void on_attention(HeadState&, Slots& slots, const StepContext&, const AttentionRows& rows) const {
-    for (int i = 0; i < slots.size(); ++i)
-      slots.meta(i).score = buzz_accumulate(slots.meta(i).score, rows.reduce(i, p_.reduce));
+  KVTRIM_HOST_DEVICE static void on_insert(State&, SlotMeta&, std::int64_t, const TokenInputs&) {}
+  KVTRIM_HOST_DEVICE static GroupReduce group_reduce(const State& s) { return s.reduce; }
+  KVTRIM_HOST_DEVICE static void on_attention(const State&, SlotMeta& m, float p) { m.score += p; }
+  // The prompt's score is the column sum over every prompt query.
+  KVTRIM_HOST_DEVICE static void on_prompt(const State& s, SlotMeta& m, int t, const PromptSums& in) {
+    m.score = in.col.reduce(t, s.reduce);
   }
-  // Prompt in slots 0..T-1 in order: the score is the column sum over every prompt query.
-  template <class Slots>
-  void on_prompt(HeadState&, Slots& slots, const PromptContext& prompt) const {
-    for (int i = 0; i < slots.size(); ++i) slots.meta(i).score = prompt.reduce_col(i, p_.reduce);
-  }
-  template <class Slots>
-  float score(const HeadState&, const Slots& slots, int i) const {
-    return slots.meta(i).score;
-  }
+  KVTRIM_HOST_DEVICE static float score(const State&, const SlotMeta& m) { return m.score; }
 
  private:
   Params p_;
 };
 
-// HashEvict-style scorer: closeness of the key's SimHash code to the current query's code.
+// SimHash scorer: closeness of the key's SimHash code to the current queries' codes.
 struct HashScorer {
+  static constexpr int kMaxProbes = 64;  // query heads per KV head
   struct Params {
-    int bits = 16;                    // code length (HashEvict default), 1..64
-    std::uint64_t seed = 0x5EED;      // projection seed; layer l uses simhash_stream_seed(seed, l)
+    int bits = 16;                           // code length (arXiv 2412.16187's default), 1..64
+    std::uint64_t seed = 0x5EED;             // projection seed; layer l uses simhash_stream_seed(seed, l)
     GroupReduce reduce = GroupReduce::kSum;  // kSum/kMean: summed distances; kMax: the largest distance
     static constexpr auto fields() {
       return std::tuple{field("bits", &Params::bits), field("seed", &Params::seed), field("reduce", &Params::reduce)};
@@ -153,44 +131,43 @@ struct HashScorer {
   struct SlotMeta {
     std::uint64_t code = 0;  // SimHash code of the token's stored key
   };
-  struct HeadState {
-    SimHashProjection proj;             // built on the first token, at the stored key width
-    std::vector<std::uint64_t> query;   // codes of the group's current queries
+  struct State {
+    bool use_max = false;
+    int n_probes = 0;
+    std::uint64_t probes[kMaxProbes] = {};  // codes of the group's current queries
   };
   static constexpr std::string_view kBuzzName = "buzz-hash";
   static constexpr Signals kSignals = Signals::kQuery;
+  static constexpr bool kSimHash = true;
 
   HashScorer(const Params& p, const LayerContext& ctx) : p_(p), layer_(ctx.layer) {
     KVTRIM_CHECK(p.bits >= 1 && p.bits <= kSimHashMaxBits, "Buzz<HashScorer>: scorer.bits must be in 1..",
                  kSimHashMaxBits, ", got ", p.bits);
+    KVTRIM_CHECK(ctx.group <= kMaxProbes, "Buzz<HashScorer>: up to ", kMaxProbes, " query heads per KV head, got ",
+                 ctx.group);
   }
-
-  const Params& params() const { return p_; }
+  State initial() const { return {p_.reduce == GroupReduce::kMax, 0, {}}; }
   // This layer's projection for keys of width `dim`.
   SimHashProjection projection(int dim) const {
     return SimHashProjection(dim, p_.bits, simhash_stream_seed(p_.seed, static_cast<std::uint64_t>(layer_)));
   }
 
-  // Codes the new key and the current queries (the probe). Runs for every prompt token too, so after
-  // prefill the probe is the last prompt token's query.
-  template <class Slots>
-  void on_insert(HeadState& s, Slots& slots, const StepContext& step) const {
-    if (s.proj.empty() || s.proj.dim() != slots.key_dim()) {  // first token of this head: warm-up
-      s.proj = projection(slots.key_dim());
-      s.query.assign(static_cast<std::size_t>(step.group), 0);
-    }
-    slots.meta(step.slot).code = s.proj.code(slots.key_ptr(step.slot));
-    for (int g = 0; g < step.group; ++g)
-      s.query[static_cast<std::size_t>(g)] = s.proj.code(step.q + static_cast<std::size_t>(g) * step.head_dim);
+  // The new key's code, and the current queries' codes as the probe (after prefill: the last prompt token's).
+  KVTRIM_HOST_DEVICE static void on_insert(State& s, SlotMeta& m, std::int64_t, const TokenInputs& in) {
+    m.code = in.key_code;
+    if (in.q_codes == nullptr) return;
+    for (int g = 0; g < in.group; ++g) s.probes[g] = in.q_codes[g];
+    s.n_probes = in.group;
   }
-  template <class Slots>
-  void on_attention(HeadState&, Slots&, const StepContext&, const AttentionRows&) const {}
-  template <class Slots>
-  void on_prompt(HeadState&, Slots&, const PromptContext&) const {}
-  template <class Slots>
-  float score(const HeadState& s, const Slots& slots, int i) const {
-    return buzz_hash_affinity(slots.meta(i).code, s.query.data(), static_cast<int>(s.query.size()),
-                              p_.reduce == GroupReduce::kMax);
+  KVTRIM_HOST_DEVICE static void on_prompt(const State&, SlotMeta&, int, const PromptSums&) {}
+  // Minus the summed (or the largest) Hamming distance to the probes.
+  KVTRIM_HOST_DEVICE static float score(const State& s, const SlotMeta& m) {
+    int total = 0;
+    for (int g = 0; g < s.n_probes; ++g) {
+      const int d = hamming(m.code, s.probes[g]);
+      total = s.use_max ? (d > total ? d : total) : total + d;
+    }
+    return -static_cast<float>(total);
   }
 
  private:
@@ -203,11 +180,17 @@ concept BuzzScorer =
     requires {
       typename S::Params;
       typename S::SlotMeta;
-      typename S::HeadState;
+      typename S::State;
       { S::kBuzzName } -> std::convertible_to<std::string_view>;
       { S::kSignals } -> std::convertible_to<Signals>;
-    } && std::is_trivially_copyable_v<typename S::SlotMeta> && std::default_initializable<typename S::HeadState> &&
-    std::constructible_from<S, const typename S::Params&, const LayerContext&>;
+    } && std::is_trivially_copyable_v<typename S::SlotMeta> && std::is_trivially_copyable_v<typename S::State> &&
+    std::constructible_from<S, const typename S::Params&, const LayerContext&> &&
+    requires(const S& sc, typename S::State& st, typename S::SlotMeta& m, const TokenInputs& in, const PromptSums& ps) {
+      { sc.initial() } -> std::same_as<typename S::State>;
+      S::on_insert(st, m, std::int64_t{0}, in);
+      S::on_prompt(st, m, 0, ps);
+      { S::score(st, m) } -> std::convertible_to<float>;
+    };
 
 template <BuzzScorer Scorer = AccumulatedAttention>
 class Buzz {
@@ -235,15 +218,16 @@ class Buzz {
     bool sink = false;
     bool sampled = false;  // survived a re-segmentation (an "old sample")
   };
-  struct HeadState {
-    typename Scorer::HeadState scorer{};
-    int sinks_seen = 0;
-    std::vector<int> order, keep;  // scratch for a re-segmentation
-    std::uint64_t resegmentations = 0;
+  struct State {
+    typename Scorer::State scorer{};
+    int sinks = 0, sinks_seen = 0, window = 1, threshold = 2, chunk = 2, stride = 2;
+    bool oldest_on_tie = true;
   };
   static constexpr std::string_view kName = Scorer::kBuzzName;
   static constexpr Signals kSignals = Scorer::kSignals;
   static constexpr EvictTiming kTiming = EvictTiming::kAfterAttention;
+  static constexpr bool kStructured = true;
+  static constexpr bool kSimHash = rules::simhash<Scorer>();
 
   Buzz(const Params& p, const LayerContext& ctx) : p_(p), scorer_(p.scorer, ctx) {
     KVTRIM_CHECK(p.sinks >= 0, "Buzz: sinks must be >= 0, got ", p.sinks);
@@ -266,7 +250,6 @@ class Buzz {
     }
   }
 
-  int prompt_window() const { return 0; }
   int thin() const { return p_.thin_stride > 0 ? p_.thin_stride : (p_.chunk + 1) / 2; }
   // Effective window and threshold for a head with budget b.
   int window_of(int b) const {
@@ -283,84 +266,95 @@ class Buzz {
   const Params& params() const { return p_; }
   const Scorer& scorer() const { return scorer_; }
 
-  void on_insert(HeadState& s, HeadOf<Buzz>& h, const StepContext& step) {
-    streaming_mark_sink(s.sinks_seen, p_.sinks, h.meta(step.slot).sink);
-    ScorerSlots<HeadOf<Buzz>> slots{h};
-    scorer_.on_insert(s.scorer, slots, step);
+  State initial(int, int budget) const {
+    State s;
+    s.scorer = scorer_.initial();
+    s.sinks = p_.sinks;
+    s.window = window_of(budget);
+    s.threshold = threshold_of(budget);
+    s.chunk = p_.chunk;
+    s.stride = thin();
+    s.oldest_on_tie = p_.keep_oldest_on_tie;
+    return s;
   }
-  void on_attention(HeadState& s, HeadOf<Buzz>& h, const StepContext& step, const AttentionRows& rows) {
-    ScorerSlots<HeadOf<Buzz>> slots{h};
-    scorer_.on_attention(s.scorer, slots, step, rows);
+  int keep_limit(int budget) const { return capacity(budget); }
+  SimHashProjection projection(int head_dim) const
+    requires kSimHash
+  {
+    return scorer_.projection(head_dim);
   }
-  void evict(HeadState& s, HeadOf<Buzz>& h, const StepContext&) { fit(s, h); }
-  void on_prompt(HeadState& s, HeadOf<Buzz>& h, const PromptContext& prompt) {
-    ScorerSlots<HeadOf<Buzz>> slots{h};
-    scorer_.on_prompt(s.scorer, slots, prompt);
-    fit(s, h);
+
+  KVTRIM_HOST_DEVICE static void on_insert(State& s, SlotMeta& m, std::int64_t pos, const TokenInputs& in) {
+    m.sink = take_first(s.sinks_seen, s.sinks);
+    Scorer::on_insert(s.scorer, m.scorer, pos, in);
+  }
+  // The selection is structured (fit_key / fit_slot); these two only describe the sinks for the prompt's
+  // interface.
+  KVTRIM_HOST_DEVICE static bool protects(const State&, const SlotMeta& m, std::int64_t, std::int64_t) {
+    return m.sink;
+  }
+  KVTRIM_HOST_DEVICE static float score(const State&, const SlotMeta&, std::int64_t, std::int64_t) { return 0.0f; }
+  KVTRIM_HOST_DEVICE static GroupReduce group_reduce(const State& s)
+    requires(has(kSignals, Signals::kAttention))
+  {
+    return Scorer::group_reduce(s.scorer);
+  }
+  KVTRIM_HOST_DEVICE static void on_attention(const State& s, SlotMeta& m, float p)
+    requires(has(kSignals, Signals::kAttention))
+  {
+    Scorer::on_attention(s.scorer, m.scorer, p);
+  }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State& s, SlotMeta& m, int t, const PromptSums& in) {
+    Scorer::on_prompt(s.scorer, m.scorer, t, in);
+    return 0.0f;
+  }
+
+  // ---- structured eviction
+  // The score a chunk compares; a NaN (non-finite inputs with check_finite off) counts as -inf, so every chunk
+  // still has exactly one survivor.
+  KVTRIM_HOST_DEVICE static float chunk_score(const State& s, const SlotMeta& m) {
+    const float x = Scorer::score(s.scorer, m.scorer);
+    return x != x ? -INFINITY : x;
+  }
+  KVTRIM_HOST_DEVICE static bool needs_fit(const State& s, int n) { return n - s.sinks_seen - s.window > s.threshold; }
+  // Pass 1, per slot: kSink, kWindow, else the number of older old samples (an old sample) or of older
+  // new-segment tokens (its index in the new segment).
+  static constexpr int kSink = -1, kWindow = -2;
+  KVTRIM_HOST_DEVICE static int fit_key(const State& s, const std::int64_t* pos, const SlotMeta* meta, int n, int i) {
+    if (meta[i].sink) return kSink;
+    const std::int64_t p = pos[i];
+    int older = 0, older_samples = 0;
+    for (int j = 0; j < n; ++j) {
+      if (meta[j].sink || pos[j] >= p) continue;
+      ++older;
+      older_samples += meta[j].sampled ? 1 : 0;
+    }
+    if (older >= n - s.sinks_seen - s.window) return kWindow;  // every sink is still held: n - sinks_seen non-sinks
+    return meta[i].sampled ? older_samples : older - older_samples;
+  }
+  // Pass 2, per slot, with every slot's key: does slot i stay (out = its new metadata)?
+  KVTRIM_HOST_DEVICE static bool fit_slot(const State& s, const SlotMeta* meta, const int* keys, int n, int i,
+                                          SlotMeta& out) {
+    out = meta[i];
+    if (keys[i] < 0) return true;  // sink or window
+    bool stays = true;
+    if (meta[i].sampled) {
+      stays = keys[i] % s.stride == 0;
+    } else {
+      const int chunk = keys[i] / s.chunk;
+      const float mine = chunk_score(s, meta[i]);
+      for (int j = 0; j < n && stays; ++j) {
+        if (j == i || keys[j] < 0 || meta[j].sampled || keys[j] / s.chunk != chunk) continue;
+        const float theirs = chunk_score(s, meta[j]);
+        // keys order the new segment by position: a smaller key is an older token
+        stays = !(theirs > mine || (theirs == mine && (s.oldest_on_tie ? keys[j] < keys[i] : keys[j] > keys[i])));
+      }
+    }
+    out.sampled = stays;
+    return stays;
   }
 
  private:
-  int middle_size(const HeadState& s, const HeadOf<Buzz>& h) const {
-    return h.size() - s.sinks_seen - window_of(h.budget());
-  }
-
-  // Re-segments while the middle exceeds the threshold (once per trigger during decode; a long prompt may
-  // need a few passes, the later ones thinning by position only).
-  void fit(HeadState& s, HeadOf<Buzz>& h) {
-    const int t = threshold_of(h.budget());
-    while (middle_size(s, h) > t) {
-      const int before = h.size();
-      resegment(s, h);
-      KVTRIM_CHECK(h.size() < before, "internal: Buzz re-segmentation did not shrink the middle");
-    }
-  }
-
-  void resegment(HeadState& s, HeadOf<Buzz>& h) {
-    const int cap = std::max(h.size(), h.budget() + 1);
-    if (static_cast<int>(s.order.capacity()) < cap) {  // warm-up (or a long prompt)
-      s.order.reserve(static_cast<std::size_t>(cap));
-      s.keep.reserve(static_cast<std::size_t>(cap));
-    }
-    s.order.clear();
-    s.keep.clear();
-    for (int i = 0; i < h.size(); ++i) (h.meta(i).sink ? s.keep : s.order).push_back(i);
-    std::sort(s.order.begin(), s.order.end(), [&](int a, int b) { return h.pos(a) < h.pos(b); });
-    const int n_mid = static_cast<int>(s.order.size()) - window_of(h.budget());
-    // Window: the newest tokens, all kept.
-    for (std::size_t j = static_cast<std::size_t>(n_mid); j < s.order.size(); ++j) s.keep.push_back(s.order[j]);
-    // Old samples, in position order: keep every h-th, starting with the oldest.
-    const int stride = thin();
-    int k = 0;
-    for (int j = 0; j < n_mid; ++j) {
-      const int i = s.order[static_cast<std::size_t>(j)];
-      if (!h.meta(i).sampled) continue;
-      if (k++ % stride == 0) s.keep.push_back(i);
-    }
-    // New segment, in position order: chunks of `chunk`, the highest-scored token of each survives.
-    ScorerSlots<HeadOf<Buzz>> slots{h};
-    int in_chunk = 0, best = -1;
-    float best_score = 0.0f;
-    for (int j = 0; j < n_mid; ++j) {
-      const int i = s.order[static_cast<std::size_t>(j)];
-      if (h.meta(i).sampled) continue;
-      const float sc = scorer_.score(s.scorer, slots, i);
-      if (best < 0 || sc > best_score || (!p_.keep_oldest_on_tie && sc == best_score)) {
-        best = i;
-        best_score = sc;
-      }
-      if (++in_chunk == p_.chunk) {
-        s.keep.push_back(best);
-        best = -1;
-        in_chunk = 0;
-      }
-    }
-    if (best >= 0) s.keep.push_back(best);
-    // Every kept middle token is now an old sample (metadata moves with the slot in keep_only).
-    for (int j = 0; j < n_mid; ++j) h.meta(s.order[static_cast<std::size_t>(j)]).sampled = true;
-    ++s.resegmentations;
-    h.keep_only(s.keep);
-  }
-
   Params p_;
   Scorer scorer_;
 };

@@ -6,7 +6,8 @@
 // (q~ = U_kᵀ q), attention runs in the stored space with the original 1/sqrt(head_dim) scale
 // (q~ᵀk~ = qᵀ U_k U_kᵀ k ≈ qᵀk), and each output is mapped back with U_v. Low-rank storage is orthogonal to
 // eviction: `EigenAttention<Inner>` stores projected tokens and leaves every eviction decision to `Inner`, so
-// `KVCache<EigenAttention<H2O>>` is low-rank + H2O and `EigenAttention<>` (Inner = FullCache) is low rank only.
+// `KVCache<EigenAttention<P>>` is low-rank storage + P's evictions and `EigenAttention<>` (Inner = FullCache) is
+// low rank only.
 //
 // Pieces:
 //  - EigenCalibration: calibration options (below).
@@ -16,8 +17,10 @@
 //  - calibrate(shape, samples, options): the one-call form.
 //  - EigenBasis: the result; save()/load() to a file, to_bytes()/from_bytes() in memory.
 //  - EigenAttention<Inner>: the policy. Params = { shared_ptr<const EigenBasis> basis; Inner::Params inner; }.
-//    SlotMeta and HeadState are Inner's (HeadOf<EigenAttention<I>> is HeadOf<I>); kSignals, kTiming and
-//    kNeverEvicts are Inner's.
+//    It *is* Inner (derives from it: SlotMeta, State, kSignals, kTiming, kNeverEvicts and every rule are
+//    Inner's, on the projected keys) plus the storage transform below, which the backends apply (the escape
+//    hatch for what a per-token rule cannot express: projections of q, k, v and the output). SimHash-based
+//    Inner policies are rejected at compile time (their codes are drawn at head_dim).
 //
 // Parameters (EigenCalibration, defaults in brackets):
 //  - energy [0.98]: target fraction of the spectrum's energy, in (0, 1]. 0.98 is the official code's starting
@@ -84,6 +87,7 @@
 #include <span>
 #include <string>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
 #include <utility>
 #include <vector>
@@ -530,34 +534,18 @@ inline EigenBasis calibrate(const CacheConfig& shape, std::span<const EigenSampl
 // ---- the policy -----------------------------------------------------------------------------------------------
 
 namespace detail {
-template <class Inner, bool = requires { Inner::kNeverEvicts; }>
-struct NeverEvictsOf {};
-template <class Inner>
-struct NeverEvictsOf<Inner, true> {
-  static constexpr bool kNeverEvicts = Inner::kNeverEvicts;
-};
-
-template <class Inner>
-struct EigenName {
-  static constexpr std::string_view kPrefix = "eigen+";
-  static constexpr std::string_view kInner = Inner::kName;
-  static constexpr auto kChars = [] {
-    std::array<char, kPrefix.size() + kInner.size()> a{};
-    std::size_t i = 0;
-    for (char c : kPrefix) a[i++] = c;
-    for (char c : kInner) a[i++] = c;
-    return a;
-  }();
-  static constexpr std::string_view kValue{kChars.data(), kChars.size()};
-};
+inline constexpr std::string_view kEigenPrefix = "eigen+";
 }  // namespace detail
 
 template <class Inner = FullCache>
-class EigenAttention : public detail::NeverEvictsOf<Inner> {
+class EigenAttention : public Inner {
   static_assert(Policy<Inner>, "EigenAttention<Inner>: Inner must be a kvtrim::Policy");
   static_assert(!requires(const Inner& p) { p.key_width(0); },
                 "EigenAttention<Inner>: Inner already stores keys in its own width (nested low-rank storage is "
                 "not supported)");
+  static_assert(!rules::simhash<Inner>(),
+                "EigenAttention<Inner>: SimHash codes of low-rank keys are not supported (the projection is drawn "
+                "at head_dim); use the policy without EigenAttention");
 
  public:
   struct Params {
@@ -565,15 +553,11 @@ class EigenAttention : public detail::NeverEvictsOf<Inner> {
     typename Inner::Params inner{};
     static constexpr auto fields() { return std::tuple{field("inner", &Params::inner)}; }
   };
-  using SlotMeta = typename Inner::SlotMeta;
-  using HeadState = typename Inner::HeadState;
-  using Head = HeadOf<Inner>;
-  static constexpr std::string_view kName = detail::EigenName<Inner>::kValue;
-  static constexpr Signals kSignals = Inner::kSignals;
-  static constexpr EvictTiming kTiming = Inner::kTiming;
+  static constexpr std::string_view kName = detail::ComposedName<detail::kEigenPrefix, Inner>::kValue;
+  using InnerPolicy = Inner;
 
   EigenAttention(const Params& p, const LayerContext& ctx)
-      : basis_(checked(p, ctx)), d_(ctx.head_dim), inner_(p.inner, ctx) {
+      : Inner(p.inner, ctx), basis_(checked(p, ctx)), d_(ctx.head_dim) {
     for (int h = 0; h < ctx.n_kv_heads; ++h) {
       heads_.push_back(Mats{basis_->key(ctx.layer, h), basis_->value(ctx.layer, h),
                             basis_->value(ctx.layer, h).transpose()});
@@ -606,17 +590,8 @@ class EigenAttention : public detail::NeverEvictsOf<Inner> {
       lowrank_unproject(m.vt.data(), d_, r, in + static_cast<std::size_t>(g) * r, out + static_cast<std::size_t>(g) * d_);
   }
 
-  // ---- everything else is Inner's ----
-  int prompt_window() const { return inner_.prompt_window(); }
-  void on_insert(HeadState& s, Head& h, const StepContext& step) { inner_.on_insert(s, h, step); }
-  void on_attention(HeadState& s, Head& h, const StepContext& step, const AttentionRows& rows) {
-    inner_.on_attention(s, h, step, rows);
-  }
-  void evict(HeadState& s, Head& h, const StepContext& step) { inner_.evict(s, h, step); }
-  void on_prompt(HeadState& s, Head& h, const PromptContext& prompt) { inner_.on_prompt(s, h, prompt); }
-
-  Inner& inner() { return inner_; }
-  const Inner& inner() const { return inner_; }
+  Inner& inner() { return *this; }
+  const Inner& inner() const { return *this; }
   const EigenBasis& basis() const { return *basis_; }
 
  private:
@@ -638,7 +613,6 @@ class EigenAttention : public detail::NeverEvictsOf<Inner> {
   std::shared_ptr<const EigenBasis> basis_;
   int d_;
   std::vector<Mats> heads_;
-  Inner inner_;
 };
 
 }  // namespace kvtrim

@@ -30,7 +30,8 @@
 //     (evictions). Classes are assigned against the centers' keys before any merge, so the result does not
 //     depend on processing order (merges are applied in position order).
 //   Decode: one token joins per step and the same rule runs with one non-center (the lowest-GL unprotected
-//   token); the prompt runs it once as a batch.
+//   token): the library's merge rule (policy.hpp, kMerges), which every backend runs from the rules below; the
+//   prompt runs it once as a batch, host code (kHostPrompt: a batch of classes is not a per-slot rule).
 // Head-wise adaptation to sparsity (the paper splits one global budget across heads by sparsity; kvtrim's
 // store gives each (layer, KV head) a fixed capacity = its budget, so here adaptation can only keep FEWER
 // tokens than the capacity, never more; for a real re-split give per-head budgets in CacheConfig):
@@ -54,36 +55,24 @@
 //   position; no log-count attention bias for merged tokens (the backend computes plain attention, so a token
 //   representing c_i tokens is under-weighted); cosine of a zero key is 0; compression runs at prefill and
 //   at every decode step (after attention), not periodically.
-// Decode writes only SlotMeta, HeadState scratch (reserved on first use) and the kept keys/values.
+// Decode writes only SlotMeta, the kept keys/values and the backend's per-slot key norms.
 #pragma once
 
 #include <algorithm>
+#include <array>
 #include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include <Eigen/Core>
 
+#include "../head_store.hpp"
 #include "../policy.hpp"
 #include "../select.hpp"
 
 namespace kvtrim {
-
-// ---- per-token math shared with a GPU backend ----------------------------------------------------------
-struct EmsTokenState {
-  float mass = 0.0f;   // G: accumulated attention
-  float local = 0.0f;  // L: decayed recent attention
-  int seen = 0;        // n: queries that saw the token
-  int count = 1;       // c: original tokens represented
-};
-
-// One decode query's (group-reduced) probability p on a token.
-KVTRIM_HOST_DEVICE inline void ems_observe(EmsTokenState& s, float p, float decay) {
-  s.mass += p;
-  s.local = decay * s.local + p;
-  s.seen += 1;
-}
 
 enum class EmsCombine { kMax, kMean, kGlobal, kLocal };
 enum class EmsMergeWeight { kMass, kCount };
@@ -94,69 +83,6 @@ constexpr auto enum_names(EmsCombine) {
 constexpr auto enum_names(EmsMergeWeight) {
   return std::array{EnumName<EmsMergeWeight>{EmsMergeWeight::kMass, "mass"},
                     EnumName<EmsMergeWeight>{EmsMergeWeight::kCount, "count"}};
-}
-
-// GL score from the raw global average (G/n), the raw local score, and their maxima over the head.
-KVTRIM_HOST_DEVICE inline float ems_score(float global_avg, float local, float max_global_avg, float max_local,
-                                          EmsCombine how) {
-  const float g = max_global_avg > 0.0f ? global_avg / max_global_avg : 0.0f;
-  const float l = max_local > 0.0f ? local / max_local : 0.0f;
-  switch (how) {
-    case EmsCombine::kMean: return 0.5f * (g + l);
-    case EmsCombine::kGlobal: return g;
-    case EmsCombine::kLocal: return l;
-    case EmsCombine::kMax: default: return g > l ? g : l;
-  }
-}
-
-KVTRIM_HOST_DEVICE inline float ems_global_avg(const EmsTokenState& s) {
-  return s.seen > 0 ? s.mass / static_cast<float>(s.seen) : 0.0f;
-}
-
-// Cosine similarity from a dot product and the two norms; 0 when either vector is zero.
-KVTRIM_HOST_DEVICE inline float ems_cosine_from(float dot, float norm_a, float norm_b) {
-  return norm_a > 0.0f && norm_b > 0.0f ? dot / (norm_a * norm_b) : 0.0f;
-}
-
-// The two merge coefficients a = w_dst / (w_dst + w_src), b = w_src / (w_dst + w_src); equal weights when the
-// sum is not positive.
-struct EmsMix {
-  float a = 0.5f, b = 0.5f;
-};
-KVTRIM_HOST_DEVICE inline EmsMix ems_mix_weights(float w_dst, float w_src) {
-  EmsMix m;
-  if (w_dst + w_src > 0.0f) {
-    m.a = w_dst / (w_dst + w_src);
-    m.b = w_src / (w_dst + w_src);
-  }
-  return m;
-}
-// a x + b y, each product rounded before the sum (no fused multiply-add on the device either).
-KVTRIM_HOST_DEVICE inline float ems_mix(const EmsMix& m, float x, float y) {
-#if defined(__CUDA_ARCH__)
-  return __fadd_rn(__fmul_rn(m.a, x), __fmul_rn(m.b, y));
-#else
-  return m.a * x + m.b * y;
-#endif
-}
-
-// dst ← (w_dst dst + w_src src) / (w_dst + w_src), equal weights when the sum is not positive.
-KVTRIM_HOST_DEVICE inline void ems_merge_row(float* dst, const float* src, int d, float w_dst, float w_src) {
-  const EmsMix m = ems_mix_weights(w_dst, w_src);
-  for (int i = 0; i < d; ++i) dst[i] = ems_mix(m, dst[i], src[i]);
-}
-
-// The weight of a token in a merge.
-KVTRIM_HOST_DEVICE inline float ems_merge_weight(const EmsTokenState& s, EmsMergeWeight how) {
-  return how == EmsMergeWeight::kMass ? s.mass : static_cast<float>(s.count);
-}
-
-// Folds token src's bookkeeping into dst (after the rows were merged with the weights taken before this).
-KVTRIM_HOST_DEVICE inline void ems_merge_state(EmsTokenState& dst, const EmsTokenState& src) {
-  dst.mass += src.mass;
-  dst.local += src.local;
-  dst.count += src.count;
-  dst.seen = dst.seen > src.seen ? dst.seen : src.seen;
 }
 
 struct Ems {
@@ -188,15 +114,26 @@ struct Ems {
                         field("min_keep", &Params::min_keep)};
     }
   };
-  using SlotMeta = EmsTokenState;
-  struct HeadState {
-    int target = -1;  // adapted size target (set at prefill); -1 = the budget
-    std::vector<float> scratch, norms, dots;
-    std::vector<int> order, cls;
+  struct SlotMeta {
+    float mass = 0.0f;   // G: accumulated attention
+    float local = 0.0f;  // L: decayed recent attention
+    int seen = 0;        // n: queries that saw the token
+    int count = 1;       // c: original tokens represented
+  };
+  struct State {
+    Protection protect;
+    float decay = 1.0f;
+    Params p;  // scalars only: trivially copyable
+  };
+  // The head's maxima of G/n and L, which normalise every GL score of a step.
+  struct Stats {
+    float max_global = 0.0f, max_local = 0.0f;
   };
   static constexpr std::string_view kName = "ems";
   static constexpr Signals kSignals = Signals::kAttention;
   static constexpr EvictTiming kTiming = EvictTiming::kAfterAttention;
+  static constexpr bool kMerges = true;
+  static constexpr bool kHostPrompt = true;
 
   Ems(const Params& p, const LayerContext& ctx) : p_(p) {
     KVTRIM_CHECK(p.sinks >= 0, "Ems: sinks must be >= 0, got ", p.sinks);
@@ -218,69 +155,108 @@ struct Ems {
 
   const Params& params() const { return p_; }
   int prompt_window() const { return p_.local_window; }
-  float decay() const { return 1.0f - 1.0f / static_cast<float>(p_.local_window); }
-  Protection protection() const { return Protection{p_.sinks, p_.recent}; }
-  int target(const HeadState& s, const HeadOf<Ems>& h) const { return s.target < 0 ? h.budget() : s.target; }
-
-  void on_insert(HeadState&, HeadOf<Ems>& h, const StepContext& step) { h.meta(step.slot) = EmsTokenState{}; }
-
-  void on_attention(HeadState&, HeadOf<Ems>& h, const StepContext&, const AttentionRows& rows) {
-    const float lam = decay();
-    for (int i = 0; i < h.size(); ++i) ems_observe(h.meta(i), rows.reduce(i, p_.reduce), lam);
+  State initial(int, int) const {
+    return {Protection{p_.sinks, p_.recent}, 1.0f - 1.0f / static_cast<float>(p_.local_window), p_};
   }
 
-  void evict(HeadState& s, HeadOf<Ems>& h, const StepContext&) {
-    reserve_scratch(s, h.budget() + 1);
-    while (h.size() > target(s, h)) compress(s, h, h.size() - 1);
+  // ---- per-token math
+  KVTRIM_HOST_DEVICE static float global_avg(const SlotMeta& m) {
+    return m.seen > 0 ? m.mass / static_cast<float>(m.seen) : 0.0f;
+  }
+  // GL score from the raw global average (G/n), the raw local score, and their maxima over the head.
+  KVTRIM_HOST_DEVICE static float gl_score(float global_avg, float local, float max_global_avg, float max_local,
+                                           EmsCombine how) {
+    const float g = max_global_avg > 0.0f ? global_avg / max_global_avg : 0.0f;
+    const float l = max_local > 0.0f ? local / max_local : 0.0f;
+    switch (how) {
+      case EmsCombine::kMean: return 0.5f * (g + l);
+      case EmsCombine::kGlobal: return g;
+      case EmsCombine::kLocal: return l;
+      case EmsCombine::kMax: default: return g > l ? g : l;
+    }
   }
 
-  void on_prompt(HeadState& s, HeadOf<Ems>& h, const PromptContext& prompt) {
-    const int T = prompt.n_tokens;
+  // ---- the rules
+  KVTRIM_HOST_DEVICE static void on_insert(State&, SlotMeta&, std::int64_t, const TokenInputs&) {}
+  KVTRIM_HOST_DEVICE static bool protects(const State& s, const SlotMeta&, std::int64_t pos, std::int64_t newest) {
+    return s.protect.protects(pos, newest);
+  }
+  KVTRIM_HOST_DEVICE static GroupReduce group_reduce(const State& s) { return s.p.reduce; }
+  // One decode query's (group-reduced) probability p on a token.
+  KVTRIM_HOST_DEVICE static void on_attention(const State& s, SlotMeta& m, float p) {
+    m.mass += p;
+    m.local = s.decay * m.local + p;
+    m.seen += 1;
+  }
+  KVTRIM_HOST_DEVICE static Stats stats_of(const SlotMeta& m) { return {global_avg(m), m.local}; }
+  KVTRIM_HOST_DEVICE static Stats combine(const Stats& a, const Stats& b) {
+    return {a.max_global > b.max_global ? a.max_global : b.max_global,
+            a.max_local > b.max_local ? a.max_local : b.max_local};
+  }
+  KVTRIM_HOST_DEVICE static float merge_score(const State& s, const Stats& st, const SlotMeta& m) {
+    return gl_score(global_avg(m), m.local, st.max_global, st.max_local, s.p.combine);
+  }
+  KVTRIM_HOST_DEVICE static float score(const State&, const SlotMeta& m, std::int64_t, std::int64_t) {
+    return global_avg(m);  // merge_score decides; this orders nothing on its own
+  }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State&, SlotMeta&, int, const PromptSums&) { return 0.0f; }
+  KVTRIM_HOST_DEVICE static bool may_merge(const State& s, const Stats& st, const SlotMeta& victim) {
+    return merge_score(s, st, victim) >= s.p.evict_below;
+  }
+  KVTRIM_HOST_DEVICE static bool absorbs(const State& s, const SlotMeta&, std::int64_t pos) {
+    return s.p.merge_into_sinks || pos >= s.protect.sinks;
+  }
+  KVTRIM_HOST_DEVICE static float merge_threshold(const State& s) { return s.p.merge_similarity; }
+  KVTRIM_HOST_DEVICE static bool merges_keys(const State& s) { return s.p.merge_keys; }
+  // dst <- (w_dst dst + w_src src) / (w_dst + w_src), w = G or c; equal weights when the sum is not positive.
+  KVTRIM_HOST_DEVICE static MixWeights mix_weights(const State& s, const SlotMeta& dst, const SlotMeta& src) {
+    const float wd = weight(s.p.merge_weight, dst), ws = weight(s.p.merge_weight, src);
+    MixWeights m;
+    if (wd + ws > 0.0f) {
+      m.a = wd / (wd + ws);
+      m.b = ws / (wd + ws);
+    }
+    return m;
+  }
+  // Folds token src's bookkeeping into dst (after the rows were merged with the weights taken before this).
+  KVTRIM_HOST_DEVICE static void merge_meta(SlotMeta& dst, const SlotMeta& src) {
+    dst.mass += src.mass;
+    dst.local += src.local;
+    dst.count += src.count;
+    dst.seen = dst.seen > src.seen ? dst.seen : src.seen;
+  }
+
+  // ---- the prompt stage (kHostPrompt): the batch evict-then-merge and the head-wise target, on a head that
+  // holds the whole prompt (token j in slot j). Returns the head's decode limit from now on.
+  int host_prompt(State&, HeadStore<SlotMeta>& h, const PromptSums& in) const {
+    const int T = h.size();
     for (int j = 0; j < T; ++j) {
-      EmsTokenState& m = h.meta(j);
-      m.mass = prompt.reduce_col(j, p_.reduce);
-      m.local = prompt.window_sum != nullptr ? prompt.reduce_win(j, p_.reduce) : 0.0f;
-      m.seen = T - j;
+      SlotMeta& m = h.meta(j);
+      m.mass = in.col.reduce(j, p_.reduce);
+      m.local = in.win.p != nullptr ? in.win.reduce(j, p_.reduce) : 0.0f;
+      m.seen = in.queries_seeing(j);
       m.count = 1;
     }
-    reserve_scratch(s, std::max(T, h.budget() + 1));
-    if (p_.coverage < 1.0f) adapt(s, h);
-    if (h.size() > target(s, h)) compress(s, h, target(s, h));
+    const int target = p_.coverage < 1.0f ? adapted_target(h) : h.budget();
+    if (h.size() > target) compress(h, target);
+    return target;
   }
 
  private:
-  void reserve_scratch(HeadState& s, int n) const {
-    if (static_cast<int>(s.order.capacity()) >= n) return;
-    s.scratch.reserve(static_cast<std::size_t>(n));
-    s.norms.reserve(static_cast<std::size_t>(n));
-    s.dots.reserve(static_cast<std::size_t>(n));
-    s.order.reserve(static_cast<std::size_t>(n));
-    s.cls.reserve(static_cast<std::size_t>(n));
-  }
-
-  // GL of every slot into s.scratch.
-  void score_all(HeadState& s, const HeadOf<Ems>& h) const {
-    float max_g = 0.0f, max_l = 0.0f;
-    for (int i = 0; i < h.size(); ++i) {
-      max_g = std::max(max_g, ems_global_avg(h.meta(i)));
-      max_l = std::max(max_l, h.meta(i).local);
-    }
-    s.scratch.resize(static_cast<std::size_t>(h.size()));
-    for (int i = 0; i < h.size(); ++i)
-      s.scratch[static_cast<std::size_t>(i)] =
-          ems_score(ems_global_avg(h.meta(i)), h.meta(i).local, max_g, max_l, p_.combine);
+  KVTRIM_HOST_DEVICE static float weight(EmsMergeWeight how, const SlotMeta& m) {
+    return how == EmsMergeWeight::kMass ? m.mass : static_cast<float>(m.count);
   }
 
   // Target from sparsity: smallest k whose top normalised global scores hold `coverage` of their sum.
-  void adapt(HeadState& s, const HeadOf<Ems>& h) const {
-    s.scratch.resize(static_cast<std::size_t>(h.size()));
+  int adapted_target(const HeadStore<SlotMeta>& h) const {
+    std::vector<float> g(static_cast<std::size_t>(h.size()));
     double total = 0.0;
-    for (int i = 0; i < h.size(); ++i) total += (s.scratch[static_cast<std::size_t>(i)] = ems_global_avg(h.meta(i)));
-    std::sort(s.scratch.begin(), s.scratch.end(), [](float a, float b) { return a > b; });
+    for (int i = 0; i < h.size(); ++i) total += (g[static_cast<std::size_t>(i)] = global_avg(h.meta(i)));
+    std::sort(g.begin(), g.end(), [](float a, float b) { return a > b; });
     int k = h.size();
     double acc = 0.0;
     for (int i = 0; i < h.size(); ++i) {
-      acc += s.scratch[static_cast<std::size_t>(i)];
+      acc += g[static_cast<std::size_t>(i)];
       if (acc >= static_cast<double>(p_.coverage) * total) {
         k = i + 1;
         break;
@@ -288,25 +264,30 @@ struct Ems {
     }
     const int floor_keep = std::max(p_.sinks + p_.recent,
                                     static_cast<int>(std::ceil(static_cast<double>(p_.min_keep) * h.budget())));
-    s.target = std::clamp(k, std::min(floor_keep, h.budget()), h.budget());
+    return std::clamp(k, std::min(floor_keep, h.budget()), h.budget());
   }
 
   // Evict-then-merge down to k tokens in one pass (see the header comment).
-  void compress(HeadState& s, HeadOf<Ems>& h, int k) const {
+  void compress(HeadStore<SlotMeta>& h, int k) const {
     const int n = h.size();
     const std::int64_t newest = h.newest_pos();
-    const Protection pr = protection();
-    score_all(s, h);
-    const auto& gl = s.scratch;
-    // s.cls: 0 = center, 1 = to remove (class decided below); s.order: non-protected slots, keep-first order.
-    s.cls.assign(static_cast<std::size_t>(n), 0);
-    s.order.clear();
+    const Protection pr{p_.sinks, p_.recent};
+    float max_g = 0.0f, max_l = 0.0f;
+    for (int i = 0; i < n; ++i) {
+      max_g = std::max(max_g, global_avg(h.meta(i)));
+      max_l = std::max(max_l, h.meta(i).local);
+    }
+    std::vector<float> gl(static_cast<std::size_t>(n));
+    for (int i = 0; i < n; ++i)
+      gl[static_cast<std::size_t>(i)] = gl_score(global_avg(h.meta(i)), h.meta(i).local, max_g, max_l, p_.combine);
+    // cls: 0 = center, 1 = to remove; order: the unprotected slots, keep-first after the partial sort.
+    std::vector<int> cls(static_cast<std::size_t>(n), 0), order;
     int protected_n = 0;
     for (int i = 0; i < n; ++i) {
       if (pr.protects(h.pos(i), newest))
         ++protected_n;
       else
-        s.order.push_back(i);
+        order.push_back(i);
     }
     KVTRIM_CHECK(protected_n <= k, "Ems: ", protected_n, " protected tokens (sinks ", pr.sinks, " + recent ",
                  pr.recent, ") exceed the target ", k);
@@ -314,28 +295,19 @@ struct Ems {
     auto keeps_before = [&](int a, int b) {
       return evicts_before(gl[static_cast<std::size_t>(b)], h.pos(b), gl[static_cast<std::size_t>(a)], h.pos(a));
     };
-    if (room + 1 == s.order.size()) {  // decode: one victim, the lowest GL (oldest on ties)
-      int v = s.order[0];
-      for (int i : s.order)
-        if (keeps_before(v, i)) v = i;
-      s.cls[static_cast<std::size_t>(v)] = 1;
-    } else if (room < s.order.size()) {
-      std::nth_element(s.order.begin(), s.order.begin() + static_cast<std::ptrdiff_t>(room), s.order.end(),
-                       keeps_before);
-      for (std::size_t j = room; j < s.order.size(); ++j) s.cls[static_cast<std::size_t>(s.order[j])] = 1;
+    if (room < order.size()) {
+      std::nth_element(order.begin(), order.begin() + static_cast<std::ptrdiff_t>(room), order.end(), keeps_before);
+      for (std::size_t j = room; j < order.size(); ++j) cls[static_cast<std::size_t>(order[j])] = 1;
     }
-    // Removed tokens in position order; class = merge target slot or -1 (zero class).
-    s.order.clear();
+    // Removed tokens in position order; target = merge target slot + 2, or 1 (zero class).
+    order.clear();
     for (int i = 0; i < n; ++i)
-      if (s.cls[static_cast<std::size_t>(i)] == 1) s.order.push_back(i);
-    std::sort(s.order.begin(), s.order.end(), [&](int a, int b) { return h.pos(a) < h.pos(b); });
-    const int d = h.key_dim();
-    s.norms.resize(static_cast<std::size_t>(n));
-    s.dots.resize(static_cast<std::size_t>(n));
-    Eigen::Map<Eigen::VectorXf> norms(s.norms.data(), n), dots(s.dots.data(), n);
-    if (!s.order.empty()) norms = h.keys().rowwise().norm();
-    std::vector<int>& target = s.cls;  // reuse: for removed slots, store target + 2 (>= 2) or 1 (zero class)
-    for (int j : s.order) {
+      if (cls[static_cast<std::size_t>(i)] == 1) order.push_back(i);
+    std::sort(order.begin(), order.end(), [&](int a, int b) { return h.pos(a) < h.pos(b); });
+    Eigen::VectorXf norms, dots(n);
+    if (!order.empty()) norms = h.keys().rowwise().norm();
+    std::vector<int>& target = cls;
+    for (int j : order) {
       int best = -1;
       float best_cos = 0.0f;
       if (gl[static_cast<std::size_t>(j)] >= p_.evict_below) {
@@ -343,7 +315,7 @@ struct Ems {
         for (int c = 0; c < n; ++c) {
           if (target[static_cast<std::size_t>(c)] != 0) continue;  // not a center
           if (!p_.merge_into_sinks && h.pos(c) < p_.sinks) continue;
-          const float cs = ems_cosine_from(dots[c], norms[c], norms[j]);
+          const float cs = cosine_from(dots[c], norms[c], norms[j]);
           if (best < 0 || cs > best_cos || (cs == best_cos && h.pos(c) < h.pos(best))) {
             best = c;
             best_cos = cs;
@@ -354,19 +326,19 @@ struct Ems {
       target[static_cast<std::size_t>(j)] = best >= 0 ? best + 2 : 1;
     }
     // Apply merges in position order (weights taken before each fold; equal to the batch weighted average).
-    for (int j : s.order) {
+    const State s = initial(0, h.budget());
+    for (int j : order) {
       const int c = target[static_cast<std::size_t>(j)] - 2;
       if (c < 0) continue;
-      EmsTokenState& mc = h.meta(c);
-      const EmsTokenState& mj = h.meta(j);
-      const float wc = ems_merge_weight(mc, p_.merge_weight), wj = ems_merge_weight(mj, p_.merge_weight);
-      if (p_.merge_keys) ems_merge_row(h.key_ptr(c), h.key_ptr(j), d, wc, wj);
-      ems_merge_row(h.value_ptr(c), h.value_ptr(j), h.value_dim(), wc, wj);
-      ems_merge_state(mc, mj);
+      const MixWeights w = mix_weights(s, h.meta(c), h.meta(j));
+      if (p_.merge_keys)
+        for (int e = 0; e < h.key_dim(); ++e) h.key_ptr(c)[e] = mix_rn(w, h.key_ptr(c)[e], h.key_ptr(j)[e]);
+      for (int e = 0; e < h.value_dim(); ++e) h.value_ptr(c)[e] = mix_rn(w, h.value_ptr(c)[e], h.value_ptr(j)[e]);
+      merge_meta(h.meta(c), h.meta(j));
     }
     // Remove in descending slot order so the slot moved into each hole is always a kept one.
-    std::sort(s.order.begin(), s.order.end(), [](int a, int b) { return a > b; });
-    for (int j : s.order) {
+    std::sort(order.begin(), order.end(), [](int a, int b) { return a > b; });
+    for (int j : order) {
       if (target[static_cast<std::size_t>(j)] >= 2)
         h.remove_merged(j);
       else

@@ -33,11 +33,13 @@
 //  - Sinks are protected by position (< sinks), not by slot index as in the official code.
 //  - Codes are of the post-RoPE keys as stored; bit = [x . r >= 0], so an exact 0 gives bit 1 (official).
 //  - Distances are recomputed every step from the current probe only; nothing accumulates across steps.
+//  - The backend computes the SimHash codes (kSimHash) with the layer's projection and hands them to
+//    on_insert; the probe codes of the step live in State (at most kMaxProbes query heads per KV head).
 #pragma once
 
 #include <cstdint>
 #include <string_view>
-#include <vector>
+#include <tuple>
 
 #include "../policy.hpp"
 #include "../select.hpp"
@@ -55,14 +57,9 @@ constexpr auto enum_names(HashPromptMode) {
                     EnumName<HashPromptMode>{HashPromptMode::kHash, "hash"}};
 }
 
-// Distance of a stored code to the probe codes of one step: the sum of Hamming distances over n probes.
-KVTRIM_HOST_DEVICE inline int hash_probe_distance(const std::uint64_t* probes, int n, std::uint64_t code) {
-  int d = 0;
-  for (int g = 0; g < n; ++g) d += hamming(probes[g], code);
-  return d;
-}
-
 struct HashEvict {
+  static constexpr int kMaxProbes = 64;  // query heads per KV head (the query probe keeps one code each)
+
   struct Params {
     int bits = 16;
     int sinks = 4;
@@ -78,15 +75,19 @@ struct HashEvict {
   struct SlotMeta {
     std::uint64_t code = 0;  // SimHash code of the stored key
   };
-  struct HeadState {
-    std::vector<std::uint64_t> probe;  // probe codes of the current step (g for kQuery, 1 for kKey)
-    std::vector<int> keep;             // prompt scratch
+  struct State {
+    Protection protect;
+    bool key_probe = false;
+    bool hash_prompt = false;
+    int n_probes = 0;
+    std::uint64_t probes[kMaxProbes] = {};  // the step's probe codes (g queries, or the new key)
   };
   static constexpr std::string_view kName = "hashevict";
   static constexpr Signals kSignals = Signals::kQuery;
   static constexpr EvictTiming kTiming = EvictTiming::kBeforeAttention;
+  static constexpr bool kSimHash = true;
 
-  HashEvict(const Params& p, const LayerContext& ctx) : p_(p), pr_{p.sinks, p.recent + 1} {
+  HashEvict(const Params& p, const LayerContext& ctx) : p_(p) {
     KVTRIM_CHECK(p.bits >= 1 && p.bits <= kSimHashMaxBits, "HashEvict: bits must be in 1..", kSimHashMaxBits,
                  ", got ", p.bits);
     KVTRIM_CHECK(p.sinks >= 0, "HashEvict: sinks must be >= 0, got ", p.sinks);
@@ -95,6 +96,8 @@ struct HashEvict {
                  "HashEvict: probe must be HashProbe::kQuery or HashProbe::kKey, got ", static_cast<int>(p.probe));
     KVTRIM_CHECK(p.prompt == HashPromptMode::kRecentGlobal || p.prompt == HashPromptMode::kHash,
                  "HashEvict: prompt must be HashPromptMode::kRecentGlobal or kHash, got ", static_cast<int>(p.prompt));
+    KVTRIM_CHECK(p.probe == HashProbe::kKey || ctx.group <= kMaxProbes, "HashEvict: the query probe supports up to ",
+                 kMaxProbes, " query heads per KV head, got ", ctx.group, " (use probe = key)");
     for (std::size_t h = 0; h < ctx.budgets.size(); ++h)
       KVTRIM_CHECK(p.sinks + p.recent < ctx.budgets[h], "HashEvict: sinks (", p.sinks, ") + recent (", p.recent,
                    ") = ", p.sinks + p.recent, " must be smaller than the budget ", ctx.budgets[h], " of layer ",
@@ -102,50 +105,55 @@ struct HashEvict {
     proj_ = SimHashProjection(ctx.head_dim, p.bits, simhash_stream_seed(p.seed, static_cast<std::uint64_t>(ctx.layer)));
   }
 
+  // The layer's projection (one per layer, shared by its KV heads), drawn at head_dim.
   const SimHashProjection& projection() const { return proj_; }
-  int prompt_window() const { return 0; }
-
-  void on_insert(HeadState& s, HeadOf<HashEvict>& h, const StepContext& step) {
-    KVTRIM_CHECK(h.key_dim() == proj_.dim(), "HashEvict: stored key width ", h.key_dim(),
-                 " differs from the projection width ", proj_.dim());
-    const std::uint64_t code = proj_.code(h.key_ptr(step.slot));
-    h.meta(step.slot).code = code;
-    // During prefill only the kHash prompt mode needs a probe (the last prompt token's).
-    if (step.prefill && p_.prompt != HashPromptMode::kHash) return;
-    if (p_.probe == HashProbe::kKey) {
-      s.probe.assign(1, code);  // capacity stays after the first step: no allocation later
-    } else {
-      s.probe.resize(static_cast<std::size_t>(step.group));
-      for (int g = 0; g < step.group; ++g)
-        s.probe[g] = proj_.code(step.q + static_cast<std::size_t>(g) * static_cast<std::size_t>(step.head_dim));
-    }
+  SimHashProjection projection(int head_dim) const {
+    KVTRIM_CHECK(head_dim == proj_.dim(), "HashEvict: keys are ", head_dim, " wide but the projection is ",
+                 proj_.dim(), " wide (SimHash of low-rank keys is not supported)");
+    return proj_;
   }
-  void on_attention(HeadState&, HeadOf<HashEvict>&, const StepContext&, const AttentionRows&) {}
-
-  void evict(HeadState& s, HeadOf<HashEvict>& h, const StepContext&) {
-    const std::uint64_t* probes = s.probe.data();
-    const int n = static_cast<int>(s.probe.size());
-    evict_lowest_until_budget(
-        h, pr_, [&](int i) { return -static_cast<float>(hash_probe_distance(probes, n, h.meta(i).code)); },
-        "HashEvict");
+  State initial(int, int) const {
+    State s;
+    s.protect = Protection{p_.sinks, p_.recent + 1};  // the new token is always kept
+    s.key_probe = p_.probe == HashProbe::kKey;
+    s.hash_prompt = p_.prompt == HashPromptMode::kHash;
+    return s;
   }
 
-  void on_prompt(HeadState& s, HeadOf<HashEvict>& h, const PromptContext&) {
-    if (h.size() <= h.budget()) return;
-    if (p_.prompt == HashPromptMode::kHash) {
-      const std::uint64_t* probes = s.probe.data();
-      const int n = static_cast<int>(s.probe.size());
-      keep_top_scored(
-          h, pr_, [&](int i) { return -static_cast<float>(hash_probe_distance(probes, n, h.meta(i).code)); },
-          s.keep, "HashEvict");
-      return;
+  // Distance of a stored code to the probe codes of one step: the sum of Hamming distances over the probes.
+  KVTRIM_HOST_DEVICE static int distance(const State& s, std::uint64_t code) {
+    int d = 0;
+    for (int g = 0; g < s.n_probes; ++g) d += hamming(s.probes[g], code);
+    return d;
+  }
+
+  KVTRIM_HOST_DEVICE static void on_insert(State& s, SlotMeta& m, std::int64_t, const TokenInputs& in) {
+    m.code = in.key_code;
+    if (in.prefill && !s.hash_prompt) return;  // only the kHash prompt mode needs a probe during prefill
+    if (s.key_probe) {
+      s.probes[0] = in.key_code;
+      s.n_probes = 1;
+    } else if (in.q_codes != nullptr) {
+      for (int g = 0; g < in.group; ++g) s.probes[g] = in.q_codes[g];
+      s.n_probes = in.group;
     }
-    keep_sinks_and_newest(h, pr_.sinks, s.keep);  // recent_global
+  }
+  KVTRIM_HOST_DEVICE static bool protects(const State& s, const SlotMeta&, std::int64_t pos, std::int64_t newest) {
+    return s.protect.protects(pos, newest);
+  }
+  // recent_global prompts keep the sinks and the newest tokens (everything else scores 0, oldest out first)
+  KVTRIM_HOST_DEVICE static bool prompt_protects(const State& s, const SlotMeta&, std::int64_t pos, std::int64_t newest) {
+    return s.hash_prompt ? s.protect.protects(pos, newest) : pos < s.protect.sinks;
+  }
+  KVTRIM_HOST_DEVICE static float score(const State& s, const SlotMeta& m, std::int64_t, std::int64_t) {
+    return -static_cast<float>(distance(s, m.code));
+  }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State& s, SlotMeta& m, int, const PromptSums&) {
+    return s.hash_prompt ? score(s, m, 0, 0) : 0.0f;
   }
 
  private:
   Params p_;
-  Protection pr_;
   SimHashProjection proj_;
 };
 

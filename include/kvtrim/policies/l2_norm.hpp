@@ -2,7 +2,7 @@
 // L2 norm.
 //
 // Keys with a low L2 norm tend to receive high attention, so the key with the largest norm is evicted first.
-// The norm of each key (post-RoPE, as stored, over head.key_dim() floats) is computed once when the token is
+// The norm of each key (post-RoPE, as stored, over its stored width) is computed once when the token is
 // inserted and kept in SlotMeta; no step recomputes it and no attention probabilities are needed.
 //
 // Parameters (defaults):
@@ -22,30 +22,25 @@
 //    recent = 0 the new token itself leaves when its key has the largest norm.
 //  - Ties (equal norms): the oldest position leaves first (select.hpp's rule; slot order never matters).
 //  - Skipped layers cannot keep everything within a bounded budget. They fall back to a recency window: the
-//    oldest token that is not a sink leaves (StreamingLLM with this policy's sinks). To leave a skipped layer
-//    uncompressed as in the paper, give it a budget that holds the whole sequence via CacheConfig::head_budgets.
+//    oldest token that is not a sink leaves (every token scores 0 and only the sinks are protected). To leave a
+//    skipped layer uncompressed as in the paper, give it a budget that holds the whole sequence via
+//    CacheConfig::head_budgets.
 //  - Prompt: keeps the protected tokens plus the lowest-norm others up to the budget (equal norms: the newer
 //    token stays), i.e. the set the decode rule would keep without protection moving; a skipped layer keeps
 //    its sinks and the newest prompt tokens.
 //  - Norms in fp32 (sum of squares in index order, then sqrt), per KV head; GQA needs no aggregation.
 #pragma once
 
-#include <algorithm>
 #include <cmath>
+#include <cstdint>
 #include <string_view>
+#include <tuple>
 #include <vector>
 
 #include "../policy.hpp"
 #include "../select.hpp"
 
 namespace kvtrim {
-
-// L2 norm of a key of width d (fp32, index order): the per-token score of L2Norm.
-KVTRIM_HOST_DEVICE inline float key_l2_norm(const float* k, int d) {
-  float s = 0.0f;
-  for (int i = 0; i < d; ++i) s += k[i] * k[i];
-  return std::sqrt(s);
-}
 
 struct L2Norm {
   struct Params {
@@ -60,8 +55,9 @@ struct L2Norm {
   struct SlotMeta {
     float norm = 0.0f;
   };
-  struct HeadState {
-    std::vector<int> keep;  // prompt scratch
+  struct State {
+    Protection protect;
+    bool skipped = false;
   };
   static constexpr std::string_view kName = "l2norm";
   static constexpr Signals kSignals = Signals::kNone;
@@ -82,38 +78,29 @@ struct L2Norm {
   }
 
   bool skipped() const { return skipped_; }
-  int prompt_window() const { return 0; }
+  State initial(int, int) const { return {pr_, skipped_}; }
 
-  void on_insert(HeadState&, HeadOf<L2Norm>& h, const StepContext& step) {
-    h.meta(step.slot).norm = key_l2_norm(h.key_ptr(step.slot), h.key_dim());
-  }
-  void on_attention(HeadState&, HeadOf<L2Norm>&, const StepContext&, const AttentionRows&) {}
-
-  void evict(HeadState&, HeadOf<L2Norm>& h, const StepContext&) {
-    if (skipped_) {
-      while (h.size() > h.budget()) h.remove(oldest_non_sink(h));
-      return;
-    }
-    evict_lowest_until_budget(h, pr_, [&h](int i) { return -h.meta(i).norm; }, "L2Norm");
+  // L2 norm of a key (fp32, index order).
+  KVTRIM_HOST_DEVICE static float key_norm(const float* k, int d) {
+    float s = 0.0f;
+    for (int i = 0; i < d; ++i) s += k[i] * k[i];
+    return std::sqrt(s);
   }
 
-  void on_prompt(HeadState& s, HeadOf<L2Norm>& h, const PromptContext&) {
-    if (h.size() <= h.budget()) return;
-    if (skipped_) {
-      keep_sinks_and_newest(h, pr_.sinks, s.keep);
-      return;
-    }
-    keep_top_scored(h, pr_, [&h](int i) { return -h.meta(i).norm; }, s.keep, "L2Norm");
+  KVTRIM_HOST_DEVICE static void on_insert(State&, SlotMeta& m, std::int64_t, const TokenInputs& in) {
+    m.norm = key_norm(in.key, in.d);
+  }
+  KVTRIM_HOST_DEVICE static bool protects(const State& s, const SlotMeta&, std::int64_t pos, std::int64_t newest) {
+    return s.skipped ? pos < s.protect.sinks : s.protect.protects(pos, newest);
+  }
+  KVTRIM_HOST_DEVICE static float score(const State& s, const SlotMeta& m, std::int64_t, std::int64_t) {
+    return s.skipped ? 0.0f : -m.norm;
+  }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State& s, SlotMeta& m, int, const PromptSums&) {
+    return score(s, m, 0, 0);
   }
 
  private:
-  int oldest_non_sink(const HeadOf<L2Norm>& h) const {
-    int v = -1;
-    for (int i = 0; i < h.size(); ++i)
-      if (h.pos(i) >= pr_.sinks && (v < 0 || h.pos(i) < h.pos(v))) v = i;
-    return v;  // exists: sinks < budget < size
-  }
-
   Protection pr_;
   bool skipped_ = false;
 };

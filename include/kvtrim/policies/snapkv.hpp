@@ -4,8 +4,8 @@
 // prompt tokens: for each query head, their causal attention probabilities are summed over the window,
 // smoothed with a 1-D pooling kernel over neighbouring positions, and reduced over the GQA group. Each KV
 // head keeps the top (capacity - window) earlier tokens plus the whole window. Decoding is then handed to
-// `Decode`: `SnapKV<>` (Decode = FullCache) is the paper (append, never evict); `SnapKV<H2O>` is SnapKV
-// prefill + H2O decode, and so on. SlotMeta is Decode's, so HeadOf<SnapKV<D>> is HeadOf<D>.
+// `Decode`: `SnapKV<>` (Decode = FullCache) is the paper (append, never evict); `SnapKV<D>` is SnapKV
+// prefill + D's decode (the registry has an accumulated-attention decoder). SlotMeta is Decode's.
 //
 // Parameters (defaults):
 //  - window (32): observation window, in prompt tokens (official init_snapkv default 32).
@@ -24,27 +24,26 @@
 //    code); max pooling ignores out-of-range neighbours. Pooling runs per query head, then the group is
 //    reduced (kvpress order). The official code repeats KV heads and keeps one set per *query* head, which
 //    multiplies memory by the group size; we keep one set per KV head.
-//  - The window's attention is recomputed here (fp32, max-subtracted softmax, scale 1/sqrt(head_dim) as in
-//    the backend) from the last `window` prompt queries, which on_insert keeps in a small per-head ring. So
-//    the backend's prompt_window() stays free for Decode (TOVA needs the last row, for instance).
+//  - The window's votes are the backend's prompt attention summed over the last `window` prompt queries
+//    (vote_window(), PromptSums::vote), separate from the window sums Decode may ask for (prompt_window():
+//    a last-query decoder needs the last row, for instance).
 //  - Ties at the cut keep the newest position (the library's tie rule, select.hpp).
-//  - Decode's state is initialised by calling its on_prompt with a compacted PromptContext: the column and
-//    window sums of just the kept tokens (kept slot j is the j-th kept prompt token in position order). So
-//    H2O starts from the full prompt's column sums of the tokens that survived, and does not evict more.
+//  - Decode's metadata comes from Decode's own prompt_score for every prompt token (the kept ones keep it):
+//    an accumulating decoder starts from the full prompt's column sums of the tokens that survived. Decode
+//    must keep at least the capacity after a prompt (its prompt_limit), since SnapKV's cut is the only one;
+//    the constructor checks it.
 //  - With Decode = FullCache the cache cannot grow past the budget in decode: SnapKV declares
 //    kNeverEvictsInDecode, so KVCache refuses such a decode step with kvtrim::Error before anything changes
 //    (its prefill still shrinks long prompts, so it does not declare kNeverEvicts).
-//  - SnapKV's HeadState wraps Decode's (it adds the query ring and prefill scratch); SlotMeta is Decode's.
+//  - SnapKV's State wraps Decode's (it adds the vote parameters); SlotMeta is Decode's. Decode evicts one
+//    victim at a time by score (a merging or structured Decode is rejected at compile time).
 #pragma once
 
-#include <Eigen/Core>
-#include <algorithm>
 #include <array>
-#include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <tuple>
 #include <type_traits>
-#include <vector>
 
 #include "../policy.hpp"
 #include "../select.hpp"
@@ -57,48 +56,15 @@ constexpr auto enum_names(SnapPooling) {
   return std::array{EnumName<SnapPooling>{SnapPooling::kAvg, "avg"}, EnumName<SnapPooling>{SnapPooling::kMax, "max"}};
 }
 
-// Pooled vote of position j from votes[0..n): a `kernel`-wide window centred on j (kernel odd).
-KVTRIM_HOST_DEVICE inline float snapkv_pool_at(const float* votes, int n, int j, int kernel, SnapPooling how) {
-  const int r = kernel / 2;
-  float acc = how == SnapPooling::kMax ? votes[j] : 0.0f;
-  for (int i = j - r; i <= j + r; ++i) {
-    if (i < 0 || i >= n) continue;
-    acc = how == SnapPooling::kMax ? (votes[i] > acc ? votes[i] : acc) : acc + votes[i];
-  }
-  return how == SnapPooling::kAvg ? acc / static_cast<float>(kernel) : acc;
-}
-
-// Score of earlier prompt token j (of n = T - window): each query head's window votes (row g of `votes`,
-// entries 0..n-1) pooled around j, then reduced over the group (AttentionRows::reduce's order).
-KVTRIM_HOST_DEVICE inline float snapkv_score_at(const AttentionRows& votes, int n, int j, int kernel,
-                                                SnapPooling how, GroupReduce reduce) {
-  float acc = snapkv_pool_at(votes.p, n, j, kernel, how);
-  for (int g = 1; g < votes.group; ++g) {
-    const float x = snapkv_pool_at(votes.p + static_cast<std::ptrdiff_t>(g) * votes.stride, n, j, kernel, how);
-    acc = reduce == GroupReduce::kMax ? (x > acc ? x : acc) : acc + x;
-  }
-  return reduce == GroupReduce::kMean ? acc / static_cast<float>(votes.group) : acc;
-}
-
 namespace detail {
-template <class Decode>
-struct SnapKVName {
-  static constexpr std::string_view prefix = "snapkv+";
-  static constexpr std::size_t n = prefix.size() + std::string_view(Decode::kName).size();
-  static constexpr std::array<char, n + 1> chars = [] {
-    std::array<char, n + 1> a{};
-    const std::string_view inner = Decode::kName;
-    for (std::size_t i = 0; i < prefix.size(); ++i) a[i] = prefix[i];
-    for (std::size_t i = 0; i < inner.size(); ++i) a[prefix.size() + i] = inner[i];
-    return a;
-  }();
-  static constexpr std::string_view value{chars.data(), n};
-};
+inline constexpr std::string_view kSnapPrefix = "snapkv+";
 }  // namespace detail
 
 template <class Decode = FullCache>
 struct SnapKV {
   static_assert(Policy<Decode>, "SnapKV<Decode>: Decode must be a kvtrim::Policy");
+  static_assert(!rules::merges<Decode>() && !rules::structured<Decode>() && !rules::host_prompt<Decode>(),
+                "SnapKV<Decode>: Decode must evict one victim at a time by score (not EMS or BUZZ)");
 
   struct Params {
     int window = 32;
@@ -113,77 +79,25 @@ struct SnapKV {
                         field("capacity", &Params::capacity), field("decode", &Params::decode)};
     }
   };
+  using DecodePolicy = Decode;
   using SlotMeta = typename Decode::SlotMeta;
-  struct HeadState {
-    typename Decode::HeadState inner{};
-    // Prefill only (released when the prompt is done): the last `window` prompt queries, ring-ordered by
-    // position % window, [window x group*key_dim]; and the selection's scratch.
-    std::vector<float> queries;
-    std::int64_t prompt_seen = 0;
-    std::vector<float> votes, scores, sums;
-    std::vector<int> keep;
+  using DecodeState = typename Decode::State;
+  struct State {
+    DecodeState inner{};
+    int window = 1;
+    int kernel = 1;
+    SnapPooling pooling = SnapPooling::kAvg;
+    GroupReduce reduce = GroupReduce::kMean;
   };
-  static constexpr std::string_view kName =
-      std::is_same_v<Decode, FullCache> ? std::string_view("snapkv") : detail::SnapKVName<Decode>::value;
+  static constexpr std::string_view kName = std::is_same_v<Decode, FullCache>
+                                                ? std::string_view("snapkv")
+                                                : detail::ComposedName<detail::kSnapPrefix, Decode>::kValue;
   static constexpr Signals kSignals = Decode::kSignals;
   static constexpr EvictTiming kTiming = Decode::kTiming;
   static constexpr bool kNeverEvictsInDecode = never_evicts_in_decode<Decode>();
+  static constexpr bool kSimHash = rules::simhash<Decode>();
 
-  SnapKV(const Params& p, const LayerContext& ctx)
-      : p_(validated(p, ctx)),
-        inner_(p.decode, ctx),
-        scale_(1.0f / std::sqrt(static_cast<float>(ctx.head_dim))) {}
-
-  const Params& params() const { return p_; }
-  const Decode& decode_policy() const { return inner_; }
-  int capacity(int budget) const { return p_.capacity > 0 ? p_.capacity : budget; }
-
-  int prompt_window() const { return inner_.prompt_window(); }
-
-  void on_insert(HeadState& s, HeadOf<SnapKV>& h, const StepContext& step) {
-    if (step.prefill) {
-      remember_query(s, h, step);
-    }
-    inner_.on_insert(s.inner, h, step);
-  }
-  void on_attention(HeadState& s, HeadOf<SnapKV>& h, const StepContext& step, const AttentionRows& rows) {
-    inner_.on_attention(s.inner, h, step, rows);
-  }
-  void evict(HeadState& s, HeadOf<SnapKV>& h, const StepContext& step) { inner_.evict(s.inner, h, step); }
-
-  void on_prompt(HeadState& s, HeadOf<SnapKV>& h, const PromptContext& prompt) {
-    const int T = h.size();
-    const int cap = capacity(h.budget());
-    if (T <= cap) {
-      inner_.on_prompt(s.inner, h, prompt);
-      release(s);
-      return;
-    }
-    KVTRIM_CHECK(s.prompt_seen == T && prompt.n_tokens == T,
-                 "internal: SnapKV saw ", s.prompt_seen, " prompt queries for ", T, " prompt tokens");
-    score_prefix(s, h, prompt.group);
-    select(s, h, cap);
-    // kept slot j is now prompt token s.keep[j] (keep_only sorted the list ascending)
-    const int K = static_cast<int>(s.keep.size());
-    const int g = prompt.group;
-    const bool has_col = prompt.col_sum != nullptr, has_win = prompt.window_sum != nullptr;
-    s.sums.assign(static_cast<std::size_t>(g) * K * ((has_col ? 1 : 0) + (has_win ? 1 : 0)), 0.0f);
-    float* col = s.sums.data();
-    float* win = s.sums.data() + (has_col ? static_cast<std::size_t>(g) * K : 0);
-    for (int gi = 0; gi < g; ++gi)
-      for (int j = 0; j < K; ++j) {
-        const std::size_t at = static_cast<std::size_t>(gi) * K + j;
-        if (has_col) col[at] = prompt.col(gi, s.keep[j]);
-        if (has_win) win[at] = prompt.win(gi, s.keep[j]);
-      }
-    const PromptContext kept{prompt.layer, prompt.kv_head, g, K, has_col ? col : nullptr,
-                             has_win ? win : nullptr, prompt.window};
-    inner_.on_prompt(s.inner, h, kept);
-    release(s);
-  }
-
- private:
-  static const Params& validated(const Params& p, const LayerContext& ctx) {
+  SnapKV(const Params& p, const LayerContext& ctx) : p_(p), inner_(p.decode, ctx) {
     KVTRIM_CHECK(p.window >= 1, "SnapKV: window must be >= 1 prompt token, got ", p.window);
     KVTRIM_CHECK(p.kernel >= 1 && p.kernel % 2 == 1, "SnapKV: kernel must be odd and >= 1, got ", p.kernel);
     KVTRIM_CHECK(p.capacity >= 0, "SnapKV: capacity must be >= 0 (0 = the budget), got ", p.capacity);
@@ -191,78 +105,91 @@ struct SnapKV {
       const int b = ctx.budgets[h];
       KVTRIM_CHECK(p.capacity <= b, "SnapKV: capacity (", p.capacity, ") exceeds the budget ", b, " of layer ",
                    ctx.layer, " KV head ", h);
-      const int cap = p.capacity > 0 ? p.capacity : b;
+      const int cap = capacity(b);
       KVTRIM_CHECK(p.window < cap, "SnapKV: window (", p.window, ") must be smaller than the prompt capacity ", cap,
                    p.capacity > 0 ? " (capacity)" : " (the budget)", " of layer ", ctx.layer, " KV head ", h,
                    " so that some earlier tokens can be kept");
+      KVTRIM_CHECK(rules::prompt_limit(inner_, b) >= cap, kName, ": the decode policy keeps only ",
+                   rules::prompt_limit(inner_, b), " prompt tokens, fewer than SnapKV's capacity ", cap, " in layer ",
+                   ctx.layer, " KV head ", h, "; lower SnapKV's capacity to that");
     }
-    return p;
   }
 
-  void remember_query(HeadState& s, const HeadOf<SnapKV>& h, const StepContext& step) {
-    const std::size_t width = static_cast<std::size_t>(step.group) * step.head_dim;
-    if (h.size() == 1) s.prompt_seen = 0;  // first token of a prompt
-    if (s.queries.size() != width * p_.window) s.queries.assign(width * p_.window, 0.0f);
-    const std::size_t row = static_cast<std::size_t>(s.prompt_seen % p_.window);
-    std::copy(step.q, step.q + width, s.queries.begin() + static_cast<std::ptrdiff_t>(row * width));
-    ++s.prompt_seen;
+  const Params& params() const { return p_; }
+  const Decode& decode_policy() const { return inner_; }
+  int capacity(int budget) const { return p_.capacity > 0 ? p_.capacity : budget; }
+
+  State initial(int kv_head, int budget) const {
+    return {inner_.initial(kv_head, budget), p_.window, p_.kernel, p_.pooling, p_.group_reduce};
+  }
+  int keep_limit(int budget) const { return rules::keep_limit(inner_, budget); }
+  int prompt_limit(int budget) const { return capacity(budget); }
+  int prompt_window() const { return rules::prompt_window(inner_); }
+  int vote_window() const { return p_.window; }
+  SimHashProjection projection(int head_dim) const
+    requires kSimHash
+  {
+    return inner_.projection(head_dim);
   }
 
-  // s.scores[j], j < T - window: pooled, group-reduced window votes for the earlier prompt tokens.
-  void score_prefix(HeadState& s, const HeadOf<SnapKV>& h, int g) {
-    const int T = h.size(), w = p_.window, P = T - w, dk = h.key_dim();
-    const auto keys = h.keys();  // slot j = prompt token j
-    s.votes.assign(static_cast<std::size_t>(g) * P, 0.0f);
-    float* votes = s.votes.data();
-    Eigen::VectorXf logits(T);
-    for (int r = 0; r < w; ++r) {
-      const int t = P + r;  // query of prompt token t sees keys 0..t
-      const float* qrow = s.queries.data() + static_cast<std::size_t>(t % w) * g * dk;
-      for (int gi = 0; gi < g; ++gi) {
-        Eigen::Map<const Eigen::VectorXf> q(qrow + static_cast<std::size_t>(gi) * dk, dk);
-        auto l = logits.head(t + 1);
-        l.noalias() = (keys.topRows(t + 1) * q) * scale_;
-        const float m = l.maxCoeff();
-        l = (l.array() - m).exp().matrix();
-        const float z = l.sum();
-        float* v = votes + static_cast<std::size_t>(gi) * P;
-        for (int j = 0; j < P; ++j) v[j] += l[j] / z;
-      }
+  // Pooled vote of position j from votes[0..n): a `kernel`-wide window centred on j (kernel odd).
+  KVTRIM_HOST_DEVICE static float pool_at(const float* votes, int n, int j, int kernel, SnapPooling how) {
+    const int r = kernel / 2;
+    float acc = how == SnapPooling::kMax ? votes[j] : 0.0f;
+    for (int i = j - r; i <= j + r; ++i) {
+      if (i < 0 || i >= n) continue;
+      acc = how == SnapPooling::kMax ? (votes[i] > acc ? votes[i] : acc) : acc + votes[i];
     }
-    s.scores.resize(static_cast<std::size_t>(P));
-    const AttentionRows rows{votes, P, g, P};
-    for (int j = 0; j < P; ++j) s.scores[j] = snapkv_score_at(rows, P, j, p_.kernel, p_.pooling, p_.group_reduce);
+    return how == SnapPooling::kAvg ? acc / static_cast<float>(kernel) : acc;
   }
-
-  // Keeps the top (cap - window) earlier tokens by score (newest on ties) plus the window.
-  void select(HeadState& s, HeadOf<SnapKV>& h, int cap) {
-    const int T = h.size(), P = T - p_.window;
-    const std::size_t room = static_cast<std::size_t>(cap - p_.window);
-    s.keep.resize(static_cast<std::size_t>(P));
-    for (int j = 0; j < P; ++j) s.keep[j] = j;
-    auto keeps_before = [&](int a, int b) { return evicts_before(s.scores[b], h.pos(b), s.scores[a], h.pos(a)); };
-    if (room < s.keep.size()) {
-      std::nth_element(s.keep.begin(), s.keep.begin() + static_cast<std::ptrdiff_t>(room), s.keep.end(),
-                       keeps_before);
-      s.keep.resize(room);
+  // Score of earlier prompt token j (of n = T - window): each query head's window votes (row g of `votes`,
+  // entries 0..n-1) pooled around j, then reduced over the group (AttentionRows::reduce's order).
+  KVTRIM_HOST_DEVICE static float vote_score(const State& s, const AttentionRows& votes, int n, int j) {
+    float acc = pool_at(votes.p, n, j, s.kernel, s.pooling);
+    for (int g = 1; g < votes.group; ++g) {
+      const float x = pool_at(votes.p + static_cast<std::ptrdiff_t>(g) * votes.stride, n, j, s.kernel, s.pooling);
+      acc = s.reduce == GroupReduce::kMax ? (x > acc ? x : acc) : acc + x;
     }
-    for (int j = P; j < T; ++j) s.keep.push_back(j);
-    h.keep_only(s.keep);
+    return s.reduce == GroupReduce::kMean ? acc / static_cast<float>(votes.group) : acc;
   }
 
-  static void release(HeadState& s) {
-    s.prompt_seen = 0;
-    for (auto* v : {&s.queries, &s.votes, &s.scores, &s.sums}) {
-      v->clear();
-      v->shrink_to_fit();
-    }
-    s.keep.clear();
-    s.keep.shrink_to_fit();
+  // ---- decode: Decode's rules on Decode's state
+  KVTRIM_HOST_DEVICE static void on_insert(State& s, SlotMeta& m, std::int64_t pos, const TokenInputs& in) {
+    Decode::on_insert(s.inner, m, pos, in);
+  }
+  KVTRIM_HOST_DEVICE static bool protects(const State& s, const SlotMeta& m, std::int64_t pos, std::int64_t newest) {
+    return Decode::protects(s.inner, m, pos, newest);
+  }
+  KVTRIM_HOST_DEVICE static float score(const State& s, const SlotMeta& m, std::int64_t pos, std::int64_t newest) {
+    return Decode::score(s.inner, m, pos, newest);
+  }
+  KVTRIM_HOST_DEVICE static GroupReduce group_reduce(const State& s)
+    requires(has(kSignals, Signals::kAttention))
+  {
+    return Decode::group_reduce(s.inner);
+  }
+  KVTRIM_HOST_DEVICE static void on_attention(const State& s, SlotMeta& m, float p)
+    requires(has(kSignals, Signals::kAttention))
+  {
+    Decode::on_attention(s.inner, m, p);
   }
 
+  // ---- prompt: the observation window is protected; earlier tokens score by their pooled votes, and Decode
+  // records its own metadata for every token
+  KVTRIM_HOST_DEVICE static bool prompt_protects(const State& s, const SlotMeta&, std::int64_t pos,
+                                                 std::int64_t newest) {
+    return pos > newest - s.window;
+  }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State& s, SlotMeta& m, int t, const PromptSums& in) {
+    (void)Decode::prompt_score(s.inner, m, t, in);
+    const int earlier = in.vote.n - s.window;
+    if (in.vote.p == nullptr || t >= earlier) return 0.0f;  // the window itself is protected
+    return vote_score(s, in.vote, earlier, t);
+  }
+
+ private:
   Params p_;
   Decode inner_;
-  float scale_;
 };
 
 }  // namespace kvtrim

@@ -2,31 +2,26 @@
 //
 // Keeps the first `sinks` tokens of the sequence and the `window` most recent tokens; everything in
 // between is evicted oldest first. No scores. Choices:
-//  - Counted in tokens, not positions: the first `sinks` tokens the cache sees are the sinks, whatever
-//    positions the engine gave them, and the window is the `window` newest tokens.
+//  - Counted in tokens, not positions: the first `sinks` tokens the cache sees are the sinks (a flag in the
+//    slot's metadata), whatever positions the engine gave them, and the window is the `window` newest tokens.
 //  - window = 0 (default) means "the rest of the budget": window = budget - sinks for each head.
 //  - An explicit window must fit: sinks + window <= budget for every head; then exactly sinks + window
-//    tokens are kept even if the budget is larger.
+//    tokens are kept even if the budget is larger (keep_limit).
 //  - Evicts before attention (like the official cache, which trims before the forward), so each step
 //    attends to exactly the sinks and the window, the new token included.
 //  - Keys are cached post-RoPE at their original positions (no pos-shift re-rotation).
-//  - Prefill keeps the set a token-by-token stream would keep: sinks + the last `window` prompt tokens.
+//  - Rules: a sink is protected, every other token scores 0, so the selection's tie rule evicts the oldest
+//    non-sink; a prompt keeps the sinks and its newest tokens, the set a token-by-token stream would keep.
 #pragma once
 
+#include <cstdint>
 #include <string_view>
-#include <vector>
+#include <tuple>
 
 #include "../policy.hpp"
+#include "../select.hpp"
 
 namespace kvtrim {
-
-// Per-token StreamingLLM math (shared with device code): the first `sinks` tokens seen become sinks.
-KVTRIM_HOST_DEVICE inline void streaming_mark_sink(int& sinks_seen, int sinks, bool& sink) {
-  if (sinks_seen < sinks) {
-    sink = true;
-    ++sinks_seen;
-  }
-}
 
 struct StreamingLLM {
   struct Params {
@@ -37,9 +32,9 @@ struct StreamingLLM {
   struct SlotMeta {
     bool sink = false;
   };
-  struct HeadState {
+  struct State {
+    int sinks = 0;
     int sinks_seen = 0;
-    std::vector<int> keep;  // prompt-compression scratch
   };
   static constexpr std::string_view kName = "streaming";
   static constexpr Signals kSignals = Signals::kNone;
@@ -59,33 +54,18 @@ struct StreamingLLM {
     }
   }
 
-  int prompt_window() const { return 0; }
-  int capacity(int budget) const { return p_.window > 0 ? p_.sinks + p_.window : budget; }
+  State initial(int, int) const { return {p_.sinks, 0}; }
+  int keep_limit(int budget) const { return p_.window > 0 ? p_.sinks + p_.window : budget; }
 
-  void on_insert(HeadState& s, HeadOf<StreamingLLM>& h, const StepContext& step) {
-    streaming_mark_sink(s.sinks_seen, p_.sinks, h.meta(step.slot).sink);
+  // The first `sinks` tokens seen become sinks.
+  KVTRIM_HOST_DEVICE static void on_insert(State& s, SlotMeta& m, std::int64_t, const TokenInputs&) {
+    m.sink = take_first(s.sinks_seen, s.sinks);
   }
-  void on_attention(HeadState&, HeadOf<StreamingLLM>&, const StepContext&, const AttentionRows&) {}
-
-  // One token in, at most one out: the oldest non-sink.
-  void evict(HeadState&, HeadOf<StreamingLLM>& h, const StepContext&) {
-    while (h.size() > capacity(h.budget())) {
-      int victim = -1;
-      for (int i = 0; i < h.size(); ++i)
-        if (!h.meta(i).sink && (victim < 0 || h.pos(i) < h.pos(victim))) victim = i;
-      h.remove(victim);  // a non-sink exists: sinks < capacity
-    }
+  KVTRIM_HOST_DEVICE static bool protects(const State&, const SlotMeta& m, std::int64_t, std::int64_t) {
+    return m.sink;
   }
-
-  // The prompt sits in slots 0..T-1 in order: keep the sinks and the last window tokens in one pass.
-  void on_prompt(HeadState& s, HeadOf<StreamingLLM>& h, const PromptContext&) {
-    const int cap = capacity(h.budget());
-    if (h.size() <= cap) return;
-    s.keep.clear();
-    for (int i = 0; i < h.size(); ++i)
-      if (h.meta(i).sink || i >= h.size() - (cap - p_.sinks)) s.keep.push_back(i);
-    h.keep_only(s.keep);
-  }
+  KVTRIM_HOST_DEVICE static float score(const State&, const SlotMeta&, std::int64_t, std::int64_t) { return 0.0f; }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State&, SlotMeta&, int, const PromptSums&) { return 0.0f; }
 
  private:
   Params p_;

@@ -19,15 +19,15 @@
 //  - Prefill: the prompt is cut with the attention row of the last prompt query (prompt_window() = 1, the
 //    official code reduces after every forward, the prompt's included), keeping the protected tokens and the
 //    top-scored others (newest on ties). Ties in decode: the oldest position goes first (select.hpp).
-//  - The score is this step's probability (fp32) stored in SlotMeta between on_attention and evict.
+//  - The score is this step's probability (fp32) stored in SlotMeta between attention and eviction.
 #pragma once
 
+#include <cstdint>
 #include <string_view>
-#include <vector>
+#include <tuple>
 
 #include "../policy.hpp"
 #include "../select.hpp"
-#include "h2o.hpp"  // group_probability
 
 namespace kvtrim {
 
@@ -44,9 +44,9 @@ struct TOVA {
   struct SlotMeta {
     float attention = 0.0f;  // group-reduced probability from the latest query
   };
-  struct HeadState {
-    int victim = -1;        // found by on_attention's pass when the step leaves the head one over budget
-    std::vector<int> keep;  // prompt-compression scratch
+  struct State {
+    Protection protect;
+    GroupReduce reduce = GroupReduce::kMean;
   };
   static constexpr std::string_view kName = "tova";
   static constexpr Signals kSignals = Signals::kAttention;
@@ -61,53 +61,20 @@ struct TOVA {
                    " KV head ", h);
   }
 
-  const Params& params() const { return p_; }
-  Protection protection() const { return Protection{p_.sinks, p_.recent}; }
-
+  State initial(int, int) const { return {Protection{p_.sinks, p_.recent}, p_.group_reduce}; }
   int prompt_window() const { return 1; }
 
-  void on_insert(HeadState&, HeadOf<TOVA>& h, const StepContext& step) { h.meta(step.slot) = SlotMeta{}; }
-
-  // Stores the step's probabilities; when the head is one over budget the same pass finds the victim
-  // (lowest among unprotected slots, oldest on ties, the select.hpp rule), so evict needs no second pass.
-  void on_attention(HeadState& s, HeadOf<TOVA>& h, const StepContext&, const AttentionRows& rows) {
-    s.victim = -1;
-    if (h.size() != h.budget() + 1) {
-      for (int i = 0; i < rows.n; ++i) h.meta(i).attention = group_probability(rows, i, p_.group_reduce);
-      return;
-    }
-    const Protection pr = protection();
-    const std::int64_t newest = h.newest_pos();
-    float best = 0.0f;
-    std::int64_t best_pos = 0;
-    for (int i = 0; i < rows.n; ++i) {
-      const float a = group_probability(rows, i, p_.group_reduce);
-      h.meta(i).attention = a;
-      const std::int64_t pos = h.pos(i);
-      if (pr.protects(pos, newest)) continue;
-      if (s.victim < 0 || evicts_before(a, pos, best, best_pos)) {
-        s.victim = i;
-        best = a;
-        best_pos = pos;
-      }
-    }
+  KVTRIM_HOST_DEVICE static void on_insert(State&, SlotMeta&, std::int64_t, const TokenInputs&) {}
+  KVTRIM_HOST_DEVICE static bool protects(const State& s, const SlotMeta&, std::int64_t pos, std::int64_t newest) {
+    return s.protect.protects(pos, newest);
   }
-
-  void evict(HeadState& s, HeadOf<TOVA>& h, const StepContext&) {
-    if (h.size() <= h.budget()) return;
-    if (s.victim >= 0 && h.size() == h.budget() + 1) {
-      h.remove(s.victim);
-      s.victim = -1;
-      return;
-    }
-    evict_lowest_until_budget(h, protection(), [&](int i) { return h.meta(i).attention; }, "TOVA");
+  KVTRIM_HOST_DEVICE static float score(const State&, const SlotMeta& m, std::int64_t, std::int64_t) {
+    return m.attention;
   }
-
-  void on_prompt(HeadState& s, HeadOf<TOVA>& h, const PromptContext& prompt) {
-    KVTRIM_CHECK(prompt.window_sum != nullptr && prompt.window == 1 && prompt.n_tokens == h.size(),
-                 "internal: TOVA needs the last prompt query's attention row for every held token");
-    for (int j = 0; j < h.size(); ++j) h.meta(j).attention = prompt.reduce_win(j, p_.group_reduce);
-    keep_top_scored(h, protection(), [&](int i) { return h.meta(i).attention; }, s.keep, "TOVA");
+  KVTRIM_HOST_DEVICE static GroupReduce group_reduce(const State& s) { return s.reduce; }
+  KVTRIM_HOST_DEVICE static void on_attention(const State&, SlotMeta& m, float p) { m.attention = p; }
+  KVTRIM_HOST_DEVICE static float prompt_score(const State& s, SlotMeta& m, int t, const PromptSums& in) {
+    return m.attention = in.win.reduce(t, s.reduce);
   }
 
  private:

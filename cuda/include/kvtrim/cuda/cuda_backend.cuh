@@ -2,14 +2,14 @@
 //
 //   #include <kvtrim/kvtrim.hpp>
 //   #include <kvtrim/cuda/cuda_backend.cuh>
-//   kvtrim::KVCache<kvtrim::StreamingLLM, kvtrim::CudaBackend<__half>> cache(cfg, {.sinks = 4});
+//   kvtrim::KVCache<Policy, kvtrim::CudaBackend<__half>> cache(cfg, params);
 //   cache.backend().set_stream(my_stream);   // optional: the backend otherwise owns a non-blocking stream
 //
 // Storage type T is float, __half or __nv_bfloat16; every computation accumulates in fp32. Slots live on the
-// device, per (layer, KV head), with positions and the policy's SlotMeta; the policy's decisions run on the
-// device through DevicePolicy<P> (device_policy.hpp), so a decode step issues kernels only and never reads
-// anything back. Introspection (size, positions, evictions, bytes) copies the small per-head records back when
-// asked, once per change.
+// device, per (layer, KV head), with positions, the policy's SlotMeta and its State; the kernels call the
+// policy's own rules (policy.hpp), the ones the CPU backend runs, so a decode step issues kernels only and never
+// reads anything back. Introspection (size, positions, evictions, bytes) copies the small per-head records back
+// when asked, once per change.
 //
 // Inputs: q/k/v/out (and Q/K/V/out for prefill) may be host or device pointers, all of the same kind.
 //  - host pointers: copied in and out on the backend's stream; the call returns when `out` is written.
@@ -18,15 +18,13 @@
 //    false (the caller's promise that they are finite). Kernel-side failures (a head with no free slot, every
 //    token protected) are then reported by the next synchronize() or introspection call.
 // Requirements (checked at construction, kvtrim::Error otherwise): a CUDA device, head_dim a multiple of 4 and
-// at most 256, a policy with a DevicePolicy specialisation (a compile-time error otherwise); HashEvict's query
-// probe and BUZZ's hash scorer take at most 16 query heads per KV head; SnapKV<D> needs D to keep at least
-// SnapKV's capacity after a prompt; SimHash policies cannot sit under EigenAttention (compile-time error).
+// at most 256.
 //
-// Where the work runs: decode is kernels only (append, eviction or merge or BUZZ's structured fit, attention,
-// the policy's attention hook), plus cuBLAS GEMMs for EigenAttention's projections. Prefill runs the causal
-// attention with cuBLAS and the selection on the device, except for EMS, whose prompt stage (a batch
-// evict-then-merge and the head-wise target) runs the CPU policy's own code on a host copy of the prompt once
-// per prefill (DevicePolicy::kHostPrompt), so the decode path never reads anything back.
+// Where the work runs: decode is kernels only (append, eviction, merge or structured fit, attention, the
+// policy's attention rule), plus cuBLAS GEMMs for low-rank storage's projections. Prefill runs the causal
+// attention with cuBLAS and the selection on the device, except for policies whose prompt stage is host code
+// (rules::host_prompt): it runs on a host copy of the prompt once per prefill, so the decode path never reads
+// anything back.
 #pragma once
 
 // Eigen serves only the host side of kvtrim; under nvcc its device annotations would be compiled (and warn)
@@ -52,11 +50,13 @@
 
 #include <kvtrim/config.hpp>
 #include <kvtrim/error.hpp>
+#include <kvtrim/head_store.hpp>
 #include <kvtrim/policy.hpp>
+#include <kvtrim/simhash.hpp>
 
 #include "check.hpp"
-#include "device_policies.hpp"
 #include "kernels.cuh"
+#include "status.hpp"
 
 namespace kvtrim {
 
@@ -132,25 +132,18 @@ struct CudaBackend {
 template <class T>
 template <class P>
 class CudaBackend<T>::Impl {
-  using DP = gpu::DevicePolicy<P>;
-  static_assert(DP::kDefined,
-                "kvtrim::CudaBackend: this policy has no device implementation; specialise "
-                "kvtrim::gpu::DevicePolicy<P> (see kvtrim/cuda/device_policy.hpp) or use CpuBackend");
-
  public:
   using Meta = typename P::SlotMeta;
-  using State = typename DP::State;
+  using State = typename P::State;
   using Head = gpu::DevHead<T, Meta, State>;
-  static_assert(std::is_trivially_copyable_v<State>, "DevicePolicy<P>::State must be trivially copyable");
   static constexpr bool kProbs = has(P::kSignals, Signals::kAttention);
-  static constexpr bool kHash = gpu::traits::simhash<DP>();
-  static constexpr bool kStructured = gpu::traits::structured<DP>();
-  static constexpr bool kMerges = gpu::traits::merges<DP>();
-  static constexpr bool kHostPrompt = gpu::traits::host_prompt<DP>();
-  static constexpr bool kNeverEvicts = requires { P::kNeverEvicts; };
+  static constexpr bool kHash = rules::simhash<P>();
+  static constexpr bool kStructured = rules::structured<P>();
+  static constexpr bool kMerges = rules::merges<P>();
+  static constexpr bool kHostPrompt = rules::host_prompt<P>();
+  static constexpr bool kNeverEvicts = never_evicts_in_prefill<P>();
   static constexpr bool kProjects = requires(const P& p) { p.key_width(0); };
-  static_assert(!(kProjects && kHash), "kvtrim::CudaBackend: SimHash codes of low-rank (projected) keys are not "
-                "supported (the projection is drawn at head_dim); use the policy without EigenAttention");
+  static_assert(!(kHostPrompt && kHash), "kvtrim::CudaBackend: a host prompt stage with SimHash codes is not supported");
 
  private:
   // Everything the head views point at lives here, on the heap, so Impl (and KVCache) can move.
@@ -204,7 +197,7 @@ class CudaBackend<T>::Impl {
       mirror_valid = false;
       for (int h = 0; h < H; ++h) pos_valid[static_cast<std::size_t>(layer) * H + h] = 0;
     }
-    // Waits for the stream, then turns an error a kernel reported into kvtrim::Error (and clears it).
+    // Waits for the stream, then turns a status a kernel reported into kvtrim::Error (and clears it).
     void sync_and_check() const {
       KVTRIM_CUDA_CHECK(cudaStreamSynchronize(stream));
       int code = 0;
@@ -214,15 +207,8 @@ class CudaBackend<T>::Impl {
       KVTRIM_CUDA_CHECK(cudaStreamSynchronize(stream));
       mirror_valid = false;
       std::fill(pos_valid.begin(), pos_valid.end(), 0);
-      KVTRIM_CHECK(code != gpu::kErrHeadFull, "CudaBackend<", P::kName,
-                   ">: a token arrived at a KV head with no free slot (the cache state is no longer reliable; "
-                   "call reset())");
-      KVTRIM_CHECK(code != gpu::kErrAllProtected, P::kName,
-                   ": every remaining token is protected but a head is over its limit (CudaBackend; the cache "
-                   "state is no longer reliable; call reset())");
-      KVTRIM_CHECK(code != gpu::kErrNoProgress, "internal: ", P::kName,
-                   " structured eviction kept every token of a head that must shrink (CudaBackend; call reset())");
-      detail::throw_error("CudaBackend: unknown device error code ", code);
+      detail::throw_error("CudaBackend<", P::kName, ">: ", gpu::to_string(static_cast<gpu::Status>(code)),
+                          " (status ", code, "; the cache state is no longer reliable: call reset())");
     }
     const Head& record(std::size_t i) const {
       if (!mirror_valid) {
@@ -309,13 +295,13 @@ class CudaBackend<T>::Impl {
         Head r;
         r.cap = cap;
         r.budget = budget;
-        r.limit = DP::keep_limit(policies_.back(), budget);
-        r.prompt_limit = gpu::traits::prompt_limit<DP>(policies_.back(), budget);
+        r.limit = rules::keep_limit(policies_.back(), budget);
+        r.prompt_limit = rules::prompt_limit(policies_.back(), budget);
         KVTRIM_CHECK(r.limit >= 1 && r.limit <= budget && r.prompt_limit >= 1 && r.prompt_limit <= budget,
                      "CudaBackend: ", P::kName, " keeps ", r.limit, " tokens after a decode step and ",
                      r.prompt_limit, " after a prompt in layer ", l, " KV head ", h, "; expected 1..budget (",
                      budget, ")");
-        r.state = DP::initial(policies_.back(), params, budget, g);
+        r.state = policies_.back().initial(h, budget);
         offset.push_back(total);
         total += align(sizeof(T) * static_cast<std::size_t>(cap) * w) * 2 +
                  align(sizeof(std::int64_t) * static_cast<std::size_t>(cap)) +
@@ -358,10 +344,10 @@ class CudaBackend<T>::Impl {
     s.error.allocate(sizeof(int));
     if constexpr (kHash) {
       // one projection per layer, as the CPU policy draws it; uploaded once
-      s.bits = DP::projection(policies_.front(), d).bits();
+      s.bits = policies_.front().projection(d).bits();
       std::vector<float> all;
       for (const P& pol : policies_) {
-        const SimHashProjection pr = DP::projection(pol, d);
+        const SimHashProjection pr = pol.projection(d);
         KVTRIM_CHECK(pr.dim() == d && pr.bits() == s.bits, "CudaBackend: ", P::kName, " projection is ", pr.bits(),
                      " x ", pr.dim(), "; expected ", s.bits, " x head_dim (", d, ")");
         all.insert(all.end(), pr.data(), pr.data() + static_cast<std::size_t>(pr.bits()) * pr.dim());
@@ -442,14 +428,14 @@ class CudaBackend<T>::Impl {
       hash(layer, k, H, c + s.Hq);
       q_codes = c, k_codes = c + s.Hq;
     }
-    gpu::kernels::append_kernel<T, Meta, State, DP>
-        <<<H, 128, 0, s.stream>>>(heads, k, v, w, s.g, k_codes, q_codes, pos, err);
+    gpu::kernels::append_kernel<T, P><<<H, 128, 0, s.stream>>>(
+        heads, gpu::kernels::AppendArgs{k, v, w, s.g, k_codes, q_codes, pos, err});
     if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(heads, w);
     attend(layer, heads, q, o_stored);
     if constexpr (kProjects) unproject(s.value_basis(layer), w, o_stored, s.g, s.g * w, 1, o, s.g * d, 0);
     if constexpr (kProbs) {
       const dim3 grid(static_cast<unsigned>((s.max_cap + 127) / 128), static_cast<unsigned>(H));
-      gpu::kernels::on_attention_kernel<DP, Head>
+      gpu::kernels::on_attention_kernel<P, Head>
           <<<grid, 128, 0, s.stream>>>(heads, s.logits.template as<float>(), s.max_cap, s.g);
     }
     if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(heads, w);
@@ -502,8 +488,8 @@ class CudaBackend<T>::Impl {
               static_cast<long long>(H) * w);
       Q = ql, K = kl, V = vl;
     }
-    const int window = std::clamp(policy(layer).prompt_window(), 0, NT);
-    const int vote_window = std::clamp(gpu::traits::vote_window<DP>(policy(layer)), 0, NT);
+    const int window = std::clamp(rules::prompt_window(policy(layer)), 0, NT);
+    const int vote_window = std::clamp(rules::vote_window(policy(layer)), 0, NT);
     const bool need_sums = kProbs || vote_window > 0;
 
     // ---- exact causal attention, one KV head (and its query group) at a time, in blocks of query rows
@@ -553,7 +539,7 @@ class CudaBackend<T>::Impl {
                 static_cast<long long>(g) * d, static_cast<long long>(Hq) * w, static_cast<long long>(Hq) * d);
 
     if constexpr (kHostPrompt) {
-      host_prompt(layer, Q, K, V, NT, first_pos, col, window > 0 ? win : nullptr, window);
+      host_prompt(layer, K, V, NT, first_pos, col, window > 0 ? win : nullptr);
     } else {
       // ---- the policy's selection: metadata and scores per prompt token, stable sort, keep marks, store
       Head* heads = s.layer_heads(layer);
@@ -573,14 +559,18 @@ class CudaBackend<T>::Impl {
         hash(layer, Q + (Tz - 1) * Hq * w, Hq, c + Tz * H);
         k_codes = c, q_codes = c + Tz * H;
       }
-      gpu::kernels::prompt_meta_kernel<DP, Head, Meta><<<H, 256, 0, s.stream>>>(
-          heads, meta_tmp.as<Meta>(), keys_in, K, H, w, NT, first_pos, kProbs ? col : nullptr,
-          kProbs && window > 0 ? win : nullptr, vote_window > 0 ? vote : nullptr, g, k_codes, q_codes);
+      gpu::kernels::PromptArgs pa;
+      pa.K = K, pa.n_kv = H, pa.d = w, pa.T = NT, pa.group = g, pa.first_pos = first_pos;
+      pa.col = kProbs ? col : nullptr;
+      pa.win = kProbs && window > 0 ? win : nullptr;
+      pa.vote = vote_window > 0 ? vote : nullptr;
+      pa.k_codes = k_codes, pa.last_q_codes = q_codes;
+      gpu::kernels::prompt_meta_kernel<P, Head><<<H, 256, 0, s.stream>>>(heads, meta_tmp.as<Meta>(), keys_in, pa);
       KVTRIM_CUDA_CHECK(cudaGetLastError());
       if constexpr (kStructured) {
         gpu::DeviceBuffer fit_ints(sizeof(int) * 6 * HT), fit_meta(sizeof(Meta) * 3 * HT),
             fit_pos(sizeof(std::int64_t) * 2 * HT);
-        gpu::kernels::prompt_fit_kernel<DP, Head, Meta><<<H, gpu::kernels::kFitThreads, 0, s.stream>>>(
+        gpu::kernels::prompt_fit_kernel<P, Head, Meta><<<H, gpu::kernels::kFitThreads, 0, s.stream>>>(
             heads, meta_tmp.as<Meta>(), keep.as<unsigned char>(), NT, first_pos, fit_ints.as<int>(),
             fit_meta.as<Meta>(), fit_pos.as<std::int64_t>(), err);
         KVTRIM_CUDA_CHECK(cudaGetLastError());
@@ -662,25 +652,23 @@ class CudaBackend<T>::Impl {
     Store& s = *st_;
     int* err = s.error.template as<int>();
     if constexpr (kMerges)
-      gpu::kernels::merge_evict_kernel<T, Meta, State, DP>
-          <<<s.H, gpu::kernels::kMergeThreads, 0, s.stream>>>(heads, w, err);
+      gpu::kernels::merge_evict_kernel<T, P><<<s.H, gpu::kernels::kMergeThreads, 0, s.stream>>>(heads, w, err);
     else if constexpr (kStructured)
-      gpu::kernels::fit_kernel<T, Meta, State, DP><<<s.H, gpu::kernels::kFitThreads, 0, s.stream>>>(
+      gpu::kernels::fit_kernel<T, P><<<s.H, gpu::kernels::kFitThreads, 0, s.stream>>>(
           heads, w, s.max_cap, s.fit_ints.template as<int>(), s.fit_meta.template as<Meta>(), err);
     else
-      gpu::kernels::evict_kernel<T, Meta, State, DP><<<s.H, 256, 0, s.stream>>>(heads, w, err);
+      gpu::kernels::evict_kernel<T, P><<<s.H, 256, 0, s.stream>>>(heads, w, err);
   }
 
-  // kHostPrompt: the CPU policy's own on_insert / on_prompt over a host copy of the prompt (with the attention
-  // sums computed on the device), then the kept tokens, the counters and the state go to the device head.
-  // Q, K, V, col, win are device pointers; runs once per prefill (the decode path never comes here).
-  void host_prompt(int layer, const float* Q, const float* K, const float* V, int NT, std::int64_t first_pos,
-                   const float* col, const float* win, int window) {
+  // kHostPrompt: the policy's on_insert and host prompt stage over a host copy of the prompt (with the attention
+  // sums computed on the device), then the kept tokens, the counters, the state and the limit go to the device.
+  // K, V, col, win are device pointers; runs once per prefill (the decode path never comes here).
+  void host_prompt(int layer, const float* K, const float* V, int NT, std::int64_t first_pos,
+                   const float* col, const float* win) {
     Store& s = *st_;
-    const int H = s.H, Hq = s.Hq, d = s.width[static_cast<std::size_t>(layer)], g = s.g;  // stored width
+    const int H = s.H, d = s.width[static_cast<std::size_t>(layer)], g = s.g;  // stored width
     const std::size_t Tz = static_cast<std::size_t>(NT), sums = static_cast<std::size_t>(H) * g * Tz;
-    std::vector<float> q(Tz * Hq * d), k(Tz * H * d), v(Tz * H * d), c(sums), w(win != nullptr ? sums : 0);
-    KVTRIM_CUDA_CHECK(cudaMemcpyAsync(q.data(), Q, sizeof(float) * q.size(), cudaMemcpyDeviceToHost, s.stream));
+    std::vector<float> k(Tz * H * d), v(Tz * H * d), c(sums), w(win != nullptr ? sums : 0);
     KVTRIM_CUDA_CHECK(cudaMemcpyAsync(k.data(), K, sizeof(float) * k.size(), cudaMemcpyDeviceToHost, s.stream));
     KVTRIM_CUDA_CHECK(cudaMemcpyAsync(v.data(), V, sizeof(float) * v.size(), cudaMemcpyDeviceToHost, s.stream));
     if (col != nullptr)
@@ -697,18 +685,16 @@ class CudaBackend<T>::Impl {
       Head& r = recs[static_cast<std::size_t>(kv)];
       HeadStore<Meta> hs(d, d, r.budget);
       hs.reserve(NT + 1);
-      typename P::HeadState hst;
+      State hst = r.state;
       for (int t = 0; t < NT; ++t) {
         const std::size_t row = static_cast<std::size_t>(t) * H + kv;
-        StepContext step{layer, kv, g, d, first_pos + t, -1, q.data() + (static_cast<std::size_t>(t) * Hq + kv * g) * d,
-                         true};
-        step.slot = hs.append(k.data() + row * d, v.data() + row * d, first_pos + t);
-        pol.on_insert(hst, hs, step);
+        const int slot = hs.append(k.data() + row * d, v.data() + row * d, first_pos + t);
+        P::on_insert(hst, hs.meta(slot), first_pos + t, TokenInputs{k.data() + row * d, d, g, true});
       }
       const std::size_t at = static_cast<std::size_t>(kv) * g * Tz;
-      const PromptContext prompt{layer, kv, g, NT, col != nullptr ? c.data() + at : nullptr,
-                                 win != nullptr ? w.data() + at : nullptr, window};
-      pol.on_prompt(hst, hs, prompt);
+      const PromptSums sums{AttentionRows{col != nullptr ? c.data() + at : nullptr, NT, g, NT},
+                            AttentionRows{win != nullptr ? w.data() + at : nullptr, NT, g, NT}, AttentionRows{}};
+      const int limit = pol.host_prompt(hst, hs, sums);
       KVTRIM_CHECK(hs.size() <= r.budget, P::kName, " left ", hs.size(), " prompt tokens in layer ", layer,
                    " KV head ", kv, " over its budget of ", r.budget);
       const int n = hs.size();
@@ -733,7 +719,8 @@ class CudaBackend<T>::Impl {
       r.newest = std::max(r.newest, hs.newest_pos());
       r.evictions += hs.evictions();
       r.merges += hs.merges();
-      r.state = DP::after_host_prompt(r.state, hst, r.budget, r.limit);
+      r.state = hst;
+      r.limit = limit;
       KVTRIM_CUDA_CHECK(cudaStreamSynchronize(s.stream));  // rows and meta are reused or freed next
     }
     KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.layer_heads(layer), recs.data(), sizeof(Head) * recs.size(),

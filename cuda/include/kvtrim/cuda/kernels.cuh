@@ -2,12 +2,13 @@
 //
 // Storage per (layer, KV head) is one DevHead record in device memory: key and value rows in the storage type
 // T (float, __half or __nv_bfloat16), positions, the policy's SlotMeta, and the mutable part (slot count,
-// newest position, eviction count, DevicePolicy state). Kernels take the records of one layer and put one
+// newest position, eviction count, the policy's State). Kernels take the records of one layer and put one
 // block (or one grid row) on each KV head, so a decode step is a handful of launches for the whole layer and
-// the host never reads anything back.
+// the host never reads anything back. Every decision is a call to the policy's own rules (policy.hpp); the
+// kernels are generic and know no policy.
 //
 //  simhash_kernel        SimHash codes of keys and queries (kSimHash policies), one thread per bit
-//  append_kernel         new token -> slot n (fp32 -> T), position, SlotMeta{}, DevicePolicy::on_insert
+//  append_kernel         new token -> slot n (fp32 -> T), position, SlotMeta{}, the policy's on_insert
 //  evict_kernel          while n > limit: masked arg-min over the slots (protected skipped, lowest score,
 //                        oldest position on ties, select.hpp's rule), last slot moves into the hole
 //  merge_evict_kernel    kMerges policies (EMS): head statistics, the lowest-scored unprotected victim, its most
@@ -20,7 +21,7 @@
 //                        when the policy needs them, the raw logits of each slot
 //  decode_combine_kernel pass 2: merges the splits into the output (and the softmax statistics)
 //  probs_kernel          logits -> probabilities exp(s - m) / l in place (only for kAttention policies)
-//  on_attention_kernel   DevicePolicy::on_attention per slot with the step's AttentionRows
+//  on_attention_kernel   the policy's on_attention per slot with the step's group-reduced probability
 //  prompt_*              prefill: causal softmax of cuBLAS scores (with column / window sums), per-token
 //                        metadata and scores, keep marks from a stable sort, compaction into the slots
 #pragma once
@@ -38,15 +39,14 @@
 #include <cstdint>
 #include <cub/block/block_scan.cuh>
 
-#include "device_policies.hpp"
+#include <kvtrim/policy.hpp>
+#include <kvtrim/select.hpp>
+#include <kvtrim/simhash.hpp>
+
 #include "kernel_math.hpp"
+#include "status.hpp"
 
 namespace kvtrim::gpu {
-
-// Error codes a kernel leaves in the backend's error word (the host turns them into kvtrim::Error).
-inline constexpr int kErrHeadFull = 1;       // a token arrived at a head with no free slot
-inline constexpr int kErrAllProtected = 2;   // over the limit but every remaining token is protected
-inline constexpr int kErrNoProgress = 3;     // a structured fit pass kept every token (a policy bug)
 
 template <class T, class Meta, class State>
 struct DevHead {
@@ -57,8 +57,8 @@ struct DevHead {
   Meta* meta = nullptr;
   int cap = 0;     // slots allocated (budget + 1)
   int budget = 0;  // tokens allowed after a step
-  int limit = 0;   // tokens the policy keeps after a decode step (DevicePolicy::keep_limit, <= budget)
-  int prompt_limit = 0;  // tokens it keeps after prefill (traits::prompt_limit, <= budget)
+  int limit = 0;   // tokens the policy keeps after a decode step (rules::keep_limit, <= budget)
+  int prompt_limit = 0;  // tokens it keeps after prefill (rules::prompt_limit, <= budget)
   // mutable, written by the kernels
   int n = 0;
   std::int64_t newest = -1;
@@ -74,6 +74,9 @@ inline constexpr int kDecodeThreads = 128;  // 4 warps per decode block
 inline constexpr int kDecodeWarps = kDecodeThreads / 32;
 inline constexpr int kMaxVecPerLane = 2;    // head_dim <= 256: at most two 4-wide vectors per lane
 inline constexpr int kRows = 4;             // slots a warp loads at once (memory-level parallelism)
+
+// Leaves the first failure of the launch in the backend's error word.
+__device__ __forceinline__ void report(int* error, Status s) { atomicCAS(error, 0, static_cast<int>(s)); }
 
 __device__ __forceinline__ float to_f(float x) { return x; }
 __device__ __forceinline__ float to_f(__half x) { return __half2float(x); }
@@ -167,21 +170,32 @@ __global__ void __launch_bounds__(kHashThreads)
   if (j == 0) codes[blockIdx.x] = static_cast<std::uint64_t>(halves[0]) | (static_cast<std::uint64_t>(halves[1]) << 32);
 }
 
-// grid: one block per KV head of the layer. k, v: [n_kv_heads x d] fp32. k_codes [n_kv_heads] and q_codes
-// [n_kv_heads x group] are the step's SimHash codes (kSimHash policies; null otherwise).
-template <class T, class Meta, class State, class DP>
-__global__ void append_kernel(DevHead<T, Meta, State>* heads, const float* k, const float* v, int d, int group,
-                              const std::uint64_t* k_codes, const std::uint64_t* q_codes, std::int64_t position,
-                              int* error) {
-  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+// What a decode step appends, per KV head: k, v [n_kv_heads x d] fp32; k_codes [n_kv_heads] and q_codes
+// [n_kv_heads x group] the step's SimHash codes (kSimHash policies; null otherwise).
+struct AppendArgs {
+  const float* k = nullptr;
+  const float* v = nullptr;
+  int d = 0;
+  int group = 1;
+  const std::uint64_t* k_codes = nullptr;
+  const std::uint64_t* q_codes = nullptr;
+  std::int64_t position = 0;
+  int* error = nullptr;
+};
+
+// grid: one block per KV head of the layer.
+template <class T, class P>
+__global__ void append_kernel(DevHead<T, typename P::SlotMeta, typename P::State>* heads, AppendArgs a) {
+  auto& h = heads[blockIdx.x];
   const int n = h.n;
   __syncthreads();  // every thread has read n before thread 0 advances it
   if (n >= h.cap) {
-    if (threadIdx.x == 0) atomicExch(error, kErrHeadFull);
+    if (threadIdx.x == 0) report(a.error, Status::kHeadFull);
     return;
   }
-  const float* kin = k + static_cast<std::size_t>(blockIdx.x) * d;
-  const float* vin = v + static_cast<std::size_t>(blockIdx.x) * d;
+  const int d = a.d;
+  const float* kin = a.k + static_cast<std::size_t>(blockIdx.x) * d;
+  const float* vin = a.v + static_cast<std::size_t>(blockIdx.x) * d;
   T* kd = h.k + static_cast<std::size_t>(n) * d;
   T* vd = h.v + static_cast<std::size_t>(n) * d;
   for (int e = threadIdx.x; e < d; e += blockDim.x) {
@@ -189,16 +203,16 @@ __global__ void append_kernel(DevHead<T, Meta, State>* heads, const float* k, co
     vd[e] = from_f<T>(vin[e]);
   }
   if (threadIdx.x == 0) {
-    h.pos[n] = position;
-    h.meta[n] = Meta{};
-    if (position > h.newest) h.newest = position;
+    h.pos[n] = a.position;
+    h.meta[n] = typename P::SlotMeta{};
+    if (a.position > h.newest) h.newest = a.position;
     TokenInputs in;
     in.key = kin;
     in.d = d;
-    in.group = group;
-    if (k_codes != nullptr) in.key_code = k_codes[blockIdx.x];
-    if (q_codes != nullptr) in.q_codes = q_codes + static_cast<std::size_t>(blockIdx.x) * group;
-    DP::on_insert(h.state, h.meta[n], position, in);
+    in.group = a.group;
+    if (a.k_codes != nullptr) in.key_code = a.k_codes[blockIdx.x];
+    if (a.q_codes != nullptr) in.q_codes = a.q_codes + static_cast<std::size_t>(blockIdx.x) * a.group;
+    P::on_insert(h.state, h.meta[n], a.position, in);
     h.n = n + 1;
   }
 }
@@ -256,9 +270,10 @@ __device__ __forceinline__ int block_victim(VictimKey best, VictimKey* warp_best
 }
 
 // grid: one block per KV head (blockDim.x a multiple of 32). Evicts one victim at a time until n <= limit.
-template <class T, class Meta, class State, class DP>
-__global__ void evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) {
-  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+template <class T, class P>
+__global__ void evict_kernel(DevHead<T, typename P::SlotMeta, typename P::State>* heads, int d, int* error) {
+  using Meta = typename P::SlotMeta;
+  auto& h = heads[blockIdx.x];
   __shared__ VictimKey warp_best[32];
   __shared__ int s_victim;
   for (;;) {
@@ -269,29 +284,29 @@ __global__ void evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) 
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const std::int64_t p = h.pos[i];
       const Meta m = h.meta[i];
-      if (DP::protects(h.state, m, p, newest)) continue;
-      best = better_victim(best, VictimKey{DP::score(h.state, m, p, newest), p, i});
+      if (P::protects(h.state, m, p, newest)) continue;
+      best = better_victim(best, VictimKey{P::score(h.state, m, p, newest), p, i});
     }
     const int victim = block_victim(best, warp_best, &s_victim);
     if (victim < 0) {
-      if (threadIdx.x == 0) atomicExch(error, kErrAllProtected);
+      if (threadIdx.x == 0) report(error, Status::kAllProtected);
       return;
     }
     remove_slot(h, victim, n, d, false);
   }
 }
 
-// grid: one block of kMergeThreads per KV head (kMerges policies). While n > limit: the head's statistics
-// (DP::stats_of / combine), the victim (lowest merge_score among the unprotected, oldest on ties), then, when
-// DP::may_merge, the absorbing slot with the highest key cosine (fp32 over the stored rows; older on ties);
-// if that cosine reaches DP::merge_threshold the victim's rows are folded into it with the DP::merge_weight
-// coefficients (ems_mix: no fused multiply-add) and its metadata merged; the victim then leaves.
+// grid: one block of kMergeThreads per KV head (kMerges policies; the rule is in policy.hpp, rules::merges).
+// While n > limit: the head's Stats, the victim (lowest merge_score among the unprotected, oldest on ties), then,
+// when may_merge, the absorbing slot with the highest key cosine (fp32 over the stored rows; older on ties); if
+// that cosine reaches merge_threshold the victim's rows are folded into it with the policy's mix weights
+// (mix_rn: no fused multiply-add) and its metadata merged; the victim then leaves.
 inline constexpr int kMergeThreads = 256;
-template <class T, class Meta, class State, class DP>
+template <class T, class P>
 __global__ void __launch_bounds__(kMergeThreads)
-    merge_evict_kernel(DevHead<T, Meta, State>* heads, int d, int* error) {
-  using Stats = typename DP::Stats;
-  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+    merge_evict_kernel(DevHead<T, typename P::SlotMeta, typename P::State>* heads, int d, int* error) {
+  using Stats = typename P::Stats;
+  auto& h = heads[blockIdx.x];
   __shared__ Stats thread_stats[kMergeThreads];
   __shared__ Stats s_stats;
   __shared__ VictimKey warp_best[32];
@@ -303,12 +318,12 @@ __global__ void __launch_bounds__(kMergeThreads)
     if (n <= h.limit) return;  // uniform: n was published before the last barrier
     const std::int64_t newest = h.newest;
     Stats mine{};
-    for (int i = threadIdx.x; i < n; i += blockDim.x) mine = DP::combine(mine, DP::stats_of(h.meta[i]));
+    for (int i = threadIdx.x; i < n; i += blockDim.x) mine = P::combine(mine, P::stats_of(h.meta[i]));
     thread_stats[threadIdx.x] = mine;
     __syncthreads();
     if (threadIdx.x == 0) {
       Stats all{};
-      for (int t = 0; t < static_cast<int>(blockDim.x); ++t) all = DP::combine(all, thread_stats[t]);
+      for (int t = 0; t < static_cast<int>(blockDim.x); ++t) all = P::combine(all, thread_stats[t]);
       s_stats = all;
     }
     __syncthreads();
@@ -316,16 +331,16 @@ __global__ void __launch_bounds__(kMergeThreads)
     VictimKey best;
     for (int i = threadIdx.x; i < n; i += blockDim.x) {
       const std::int64_t p = h.pos[i];
-      if (DP::protects(h.state, h.meta[i], p, newest)) continue;
-      best = better_victim(best, VictimKey{DP::merge_score(h.state, st, h.meta[i]), p, i});
+      if (P::protects(h.state, h.meta[i], p, newest)) continue;
+      best = better_victim(best, VictimKey{P::merge_score(h.state, st, h.meta[i]), p, i});
     }
     const int victim = block_victim(best, warp_best, &s_victim);
     if (victim < 0) {
-      if (threadIdx.x == 0) atomicExch(error, kErrAllProtected);
+      if (threadIdx.x == 0) report(error, Status::kAllProtected);
       return;
     }
     const T* kv = h.k + static_cast<std::size_t>(victim) * d;
-    if (DP::may_merge(h.state, st, h.meta[victim])) {  // uniform: every thread reads the same values
+    if (P::may_merge(h.state, st, h.meta[victim])) {  // uniform: every thread reads the same values
       if (warp == 0) {
         float sq = 0.0f;
         for (int e = lane; e < d; e += 32) sq += to_f(kv[e]) * to_f(kv[e]);
@@ -337,7 +352,7 @@ __global__ void __launch_bounds__(kMergeThreads)
       // cosine. Per warp, lanes across the key rows.
       VictimKey cand;
       for (int c = warp; c < n; c += nw) {
-        if (c == victim || !DP::absorbs(h.state, h.meta[c], h.pos[c])) continue;
+        if (c == victim || !P::absorbs(h.state, h.meta[c], h.pos[c])) continue;
         const T* kc = h.k + static_cast<std::size_t>(c) * d;
         float dot = 0.0f, sq = 0.0f;
         for (int e = lane; e < d; e += 32) {
@@ -347,14 +362,14 @@ __global__ void __launch_bounds__(kMergeThreads)
         }
         dot = warp_sum(dot);
         sq = warp_sum(sq);
-        cand = better_victim(cand, VictimKey{-ems_cosine_from(dot, sqrtf(sq), s_victim_norm), h.pos[c], c});
+        cand = better_victim(cand, VictimKey{-cosine_from(dot, sqrtf(sq), s_victim_norm), h.pos[c], c});
       }
       if (lane == 0) warp_best[warp] = cand;
       __syncthreads();
       if (threadIdx.x == 0) {
         VictimKey b;
         for (int w = 0; w < nw; ++w) b = better_victim(b, warp_best[w]);
-        s_target = b.slot >= 0 && -b.score >= DP::merge_threshold(h.state) ? b.slot : -1;
+        s_target = b.slot >= 0 && -b.score >= P::merge_threshold(h.state) ? b.slot : -1;
       }
       __syncthreads();
     } else if (threadIdx.x == 0) {
@@ -363,18 +378,17 @@ __global__ void __launch_bounds__(kMergeThreads)
     __syncthreads();
     const int target = s_target;
     if (target >= 0) {
-      const EmsMix mix =
-          ems_mix_weights(DP::merge_weight(h.state, h.meta[target]), DP::merge_weight(h.state, h.meta[victim]));
+      const MixWeights mix = P::mix_weights(h.state, h.meta[target], h.meta[victim]);
       T* kt = h.k + static_cast<std::size_t>(target) * d;
       T* vt = h.v + static_cast<std::size_t>(target) * d;
       const T* vv = h.v + static_cast<std::size_t>(victim) * d;
-      const bool keys = DP::merges_keys(h.state);
+      const bool keys = P::merges_keys(h.state);
       for (int e = threadIdx.x; e < d; e += blockDim.x) {
-        if (keys) kt[e] = from_f<T>(ems_mix(mix, to_f(kt[e]), to_f(kv[e])));
-        vt[e] = from_f<T>(ems_mix(mix, to_f(vt[e]), to_f(vv[e])));
+        if (keys) kt[e] = from_f<T>(mix_rn(mix, to_f(kt[e]), to_f(kv[e])));
+        vt[e] = from_f<T>(mix_rn(mix, to_f(vt[e]), to_f(vv[e])));
       }
       __syncthreads();  // the weights above were read before the metadata changes
-      if (threadIdx.x == 0) DP::merge_meta(h.meta[target], h.meta[victim]);
+      if (threadIdx.x == 0) P::merge_meta(h.meta[target], h.meta[victim]);
       __syncthreads();
     }
     remove_slot(h, victim, n, d, target >= 0);
@@ -403,13 +417,15 @@ __device__ int block_collect(typename Scan::TempStorage& tmp, int begin, int end
 }
 
 // grid: one block of kFitThreads per KV head. Scratch per head (stride ints / Metas): keys, flags, holes, movers
-// and new metadata. Passes repeat while DevicePolicy::needs_fit.
-template <class T, class Meta, class State, class DP>
+// and new metadata. Passes repeat while the policy's needs_fit.
+template <class T, class P>
 __global__ void __launch_bounds__(kFitThreads)
-    fit_kernel(DevHead<T, Meta, State>* heads, int d, int stride, int* scratch, Meta* new_meta, int* error) {
+    fit_kernel(DevHead<T, typename P::SlotMeta, typename P::State>* heads, int d, int stride, int* scratch,
+               typename P::SlotMeta* new_meta, int* error) {
+  using Meta = typename P::SlotMeta;
   using Scan = cub::BlockScan<int, kFitThreads>;
   __shared__ typename Scan::TempStorage scan_tmp;
-  DevHead<T, Meta, State>& h = heads[blockIdx.x];
+  auto& h = heads[blockIdx.x];
   int* keys = scratch + static_cast<std::size_t>(blockIdx.x) * 4 * stride;
   int* flags = keys + stride;
   int* holes = flags + stride;
@@ -417,17 +433,17 @@ __global__ void __launch_bounds__(kFitThreads)
   Meta* nm = new_meta + static_cast<std::size_t>(blockIdx.x) * stride;
   for (;;) {
     const int n = h.n;
-    if (!DP::needs_fit(h.state, n)) return;  // uniform: n was published before the last barrier
-    for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = DP::fit_key(h.state, h.pos, h.meta, n, i);
+    if (!P::needs_fit(h.state, n)) return;  // uniform: n was published before the last barrier
+    for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = P::fit_key(h.state, h.pos, h.meta, n, i);
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x)
-      flags[i] = DP::fit_slot(h.state, h.meta, keys, n, i, nm[i]) ? 1 : 0;
+      flags[i] = P::fit_slot(h.state, h.meta, keys, n, i, nm[i]) ? 1 : 0;
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x)
       if (flags[i]) h.meta[i] = nm[i];
     const int kept = block_collect<Scan>(scan_tmp, 0, n, [&](int i) { return flags[i] != 0; }, keys);
     if (kept == n) {
-      if (threadIdx.x == 0) atomicExch(error, kErrNoProgress);
+      if (threadIdx.x == 0) report(error, Status::kNoProgress);
       return;
     }
     // the k-th hole below `kept` receives the k-th survivor at or above it (sources and targets are disjoint)
@@ -656,14 +672,15 @@ __global__ void probs_kernel(const Head* heads, const float* stats, float* logit
   *x = expf(*x - stats[2 * row]) / stats[2 * row + 1];
 }
 
-// grid: (ceil(stride / blockDim), n_kv_heads). One thread per live slot.
-template <class DP, class Head>
+// grid: (ceil(stride / blockDim), n_kv_heads). One thread per live slot: the slot's probabilities reduced over
+// the group by the policy's rule, then its on_attention.
+template <class P, class Head>
 __global__ void on_attention_kernel(Head* heads, const float* probs, int stride, int group) {
   Head& h = heads[blockIdx.y];
   const int i = blockIdx.x * blockDim.x + threadIdx.x;
   if (i >= h.n) return;
   const AttentionRows rows{probs + static_cast<std::size_t>(blockIdx.y) * group * stride, h.n, group, stride};
-  DP::on_attention(h.state, h.meta[i], i, rows);
+  P::on_attention(h.state, h.meta[i], rows.reduce(i, P::group_reduce(h.state)));
 }
 
 // ---- host-side launch of a decode attention step (used by CudaBackend and the benchmark) ----------------
@@ -744,42 +761,56 @@ __global__ void prompt_softmax_kernel(float* S, int B, int width, int t0, int T,
   }
 }
 
+// The prompt of one layer as the selection kernels see it. K: [T x n_kv_heads*d] fp32 prompt keys (stored
+// width); col/win/vote: [n_kv_heads x group x T] attention sums (null when the policy needs none); k_codes
+// [T x n_kv_heads] and last_q_codes [n_kv_heads x group] (the last prompt token's queries): SimHash codes for
+// kSimHash policies, else null.
+struct PromptArgs {
+  const float* K = nullptr;
+  int n_kv = 0;
+  int d = 0;
+  int T = 0;
+  int group = 1;
+  std::int64_t first_pos = 0;
+  const float* col = nullptr;
+  const float* win = nullptr;
+  const float* vote = nullptr;
+  const std::uint64_t* k_codes = nullptr;
+  const std::uint64_t* last_q_codes = nullptr;
+};
+
 // grid: one block per KV head. Replays on_insert over the prompt in order (thread 0; cheap per token), then
 // gives every token its sort key for the keep selection (prompt_sort_key; protected tokens score +inf and
-// sort last). K: [T x n_kv_heads*d] fp32 prompt keys; keys: [n_kv_heads x T]. col/win/vote:
-// [n_kv_heads x group x T] (null when the policy needs none). k_codes [T x n_kv_heads] and last_q_codes
-// [n_kv_heads x group] (the last prompt token's queries): SimHash codes for kSimHash policies, else null.
-template <class DP, class Head, class Meta>
-__global__ void prompt_meta_kernel(Head* heads, Meta* meta_tmp, std::uint64_t* keys, const float* K, int n_kv, int d,
-                                   int T, std::int64_t first_pos, const float* col, const float* win,
-                                   const float* vote, int group, const std::uint64_t* k_codes,
-                                   const std::uint64_t* last_q_codes) {
+// sort last). meta_tmp: [n_kv_heads x T]; keys: [n_kv_heads x T].
+template <class P, class Head>
+__global__ void prompt_meta_kernel(Head* heads, typename P::SlotMeta* meta_tmp, std::uint64_t* keys, PromptArgs a) {
   Head& h = heads[blockIdx.x];
-  Meta* meta = meta_tmp + static_cast<std::size_t>(blockIdx.x) * T;
+  const int T = a.T;
+  auto* meta = meta_tmp + static_cast<std::size_t>(blockIdx.x) * T;
   if (threadIdx.x == 0) {
     for (int t = 0; t < T; ++t) {
-      meta[t] = Meta{};
+      meta[t] = typename P::SlotMeta{};
       TokenInputs in;
-      in.key = K + static_cast<std::size_t>(t) * n_kv * d + static_cast<std::size_t>(blockIdx.x) * d;
-      in.d = d;
-      in.group = group;
+      in.key = a.K + static_cast<std::size_t>(t) * a.n_kv * a.d + static_cast<std::size_t>(blockIdx.x) * a.d;
+      in.d = a.d;
+      in.group = a.group;
       in.prefill = true;
-      if (k_codes != nullptr) in.key_code = k_codes[static_cast<std::size_t>(t) * n_kv + blockIdx.x];
-      if (last_q_codes != nullptr && t == T - 1)
-        in.q_codes = last_q_codes + static_cast<std::size_t>(blockIdx.x) * group;
-      DP::on_insert(h.state, meta[t], first_pos + t, in);
+      if (a.k_codes != nullptr) in.key_code = a.k_codes[static_cast<std::size_t>(t) * a.n_kv + blockIdx.x];
+      if (a.last_q_codes != nullptr && t == T - 1)
+        in.q_codes = a.last_q_codes + static_cast<std::size_t>(blockIdx.x) * a.group;
+      P::on_insert(h.state, meta[t], a.first_pos + t, in);
     }
-    const std::int64_t last = first_pos + T - 1;
+    const std::int64_t last = a.first_pos + T - 1;
     if (last > h.newest) h.newest = last;
   }
   __syncthreads();
   const std::int64_t newest = h.newest;
-  const std::size_t base = static_cast<std::size_t>(blockIdx.x) * group * T;
-  auto rows = [&](const float* sums) { return AttentionRows{sums != nullptr ? sums + base : nullptr, T, group, T}; };
-  const PromptSums sums{rows(col), rows(win), rows(vote)};
+  const std::size_t base = static_cast<std::size_t>(blockIdx.x) * a.group * T;
+  auto rows = [&](const float* sums) { return AttentionRows{sums != nullptr ? sums + base : nullptr, T, a.group, T}; };
+  const PromptSums sums{rows(a.col), rows(a.win), rows(a.vote)};
   for (int t = threadIdx.x; t < T; t += blockDim.x) {
-    const float s = DP::prompt_score(h.state, meta[t], t, sums);
-    const float score = traits::prompt_protects<DP>(h.state, meta[t], first_pos + t, newest) ? INFINITY : s;
+    const float s = P::prompt_score(h.state, meta[t], t, sums);
+    const float score = rules::prompt_protects<P>(h.state, meta[t], a.first_pos + t, newest) ? INFINITY : s;
     keys[static_cast<std::size_t>(blockIdx.x) * T + t] = prompt_sort_key(score, t);
   }
 }
@@ -797,14 +828,14 @@ __global__ void prompt_mark_kernel(const Head* heads, const std::uint64_t* sorte
   const std::uint64_t key = sorted_keys[static_cast<std::size_t>(blockIdx.y) * T + i];
   const bool dropped = i < drop;
   keep[static_cast<std::size_t>(blockIdx.y) * T + sort_key_token(key)] = dropped ? 0 : 1;
-  if (dropped && sort_key_protected(key)) atomicExch(error, kErrAllProtected);
+  if (dropped && sort_key_protected(key)) report(error, Status::kAllProtected);
 }
 
 // grid: one block of kFitThreads per KV head. The structured fit of a prompt (kStructured policies): passes of
 // fit_key / fit_slot over the surviving prompt tokens (kept in position order) while needs_fit, then keep marks
 // and the survivors' metadata. meta_tmp, keep: [n_kv_heads x T]; scratch: [n_kv_heads x 6T] ints; metas:
 // [n_kv_heads x 3T]; positions: [n_kv_heads x 2T].
-template <class DP, class Head, class Meta>
+template <class P, class Head, class Meta>
 __global__ void __launch_bounds__(kFitThreads)
     prompt_fit_kernel(const Head* heads, Meta* meta_tmp, unsigned char* keep, int T, std::int64_t first_pos,
                       int* scratch, Meta* metas, std::int64_t* positions, int* error) {
@@ -827,15 +858,15 @@ __global__ void __launch_bounds__(kFitThreads)
   }
   __syncthreads();
   int cur = 0, n = T;
-  while (DP::needs_fit(h.state, n)) {
-    for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = DP::fit_key(h.state, ps[cur], mt[cur], n, i);
+  while (P::needs_fit(h.state, n)) {
+    for (int i = threadIdx.x; i < n; i += blockDim.x) keys[i] = P::fit_key(h.state, ps[cur], mt[cur], n, i);
     __syncthreads();
     for (int i = threadIdx.x; i < n; i += blockDim.x)
-      flags[i] = DP::fit_slot(h.state, mt[cur], keys, n, i, nm[i]) ? 1 : 0;
+      flags[i] = P::fit_slot(h.state, mt[cur], keys, n, i, nm[i]) ? 1 : 0;
     __syncthreads();
     const int kept = block_collect<Scan>(scan_tmp, 0, n, [&](int i) { return flags[i] != 0; }, order);
     if (kept == n) {
-      if (threadIdx.x == 0) atomicExch(error, kErrNoProgress);
+      if (threadIdx.x == 0) report(error, Status::kNoProgress);
       return;
     }
     const int nxt = 1 - cur;
@@ -885,7 +916,7 @@ __global__ void __launch_bounds__(kStoreThreads)
     s_slot[threadIdx.x] = flag ? base + offset : -1;
     __syncthreads();
     if (base + total > h.cap) {
-      if (threadIdx.x == 0) atomicExch(error, kErrHeadFull);
+      if (threadIdx.x == 0) report(error, Status::kHeadFull);
       return;
     }
     // copy rows cooperatively: the block walks the chunk's kept rows, threads across the row
