@@ -56,8 +56,12 @@ std::string json_string(const std::string& s) {
 template <class T>
 std::string json_list(const std::vector<T>& v) {
   std::string o = "[";
-  for (std::size_t i = 0; i < v.size(); ++i) o += (i ? "," : "") + std::to_string(v[i]);
-  return o + "]";
+  for (std::size_t i = 0; i < v.size(); ++i) {
+    if (i > 0) o += ',';
+    o += std::to_string(v[i]);
+  }
+  o += ']';
+  return o;
 }
 
 struct Options {
