@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from . import _kvtrim
 from ._kvtrim import EigenBasis, Error, has_cuda  # noqa: F401  (re-exported)
 
-__all__ = ["Cache", "EigenBasis", "EigenCalibrator", "Error", "policies", "policy_params", "needs_basis", "has_cuda"]
+__all__ = ["Cache", "EigenBasis", "EigenCalibrator", "Error", "policies", "policy_params", "needs_basis", "never_evicts", "has_cuda"]
 __version__ = "0.1.0"
 
 
@@ -34,6 +34,11 @@ def policy_params(name: str) -> dict[str, str]:
 def needs_basis(name: str) -> bool:
     """Whether the policy stores low-rank keys and needs ``basis=`` (an EigenBasis)."""
     return _kvtrim.needs_basis(name)
+
+
+def never_evicts(name: str) -> bool:
+    """Whether the policy never evicts while decoding (FullCache-like: the budget must hold every token)."""
+    return _kvtrim.never_evicts(name)
 
 
 def _param_text(key: str, value: Any) -> str:
@@ -167,6 +172,8 @@ class Cache(_kvtrim.Cache):
         return [[self.size(l, h) for h in range(self.n_kv_heads)] for l in range(self.n_layers)]
 
     def __repr__(self) -> str:
+        if not hasattr(self, "_stream"):  # construction failed
+            return "kvtrim.Cache(<not constructed>)"
         return (f"kvtrim.Cache({self.policy!r}, n_layers={self.n_layers}, n_kv_heads={self.n_kv_heads}, "
                 f"n_q_heads={self.n_q_heads}, head_dim={self.head_dim}, bytes_used={self.bytes_used}, "
                 f"evictions={self.evictions})")

@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import inspect
 import threading
-from typing import Any, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 import transformers
@@ -105,12 +105,15 @@ class KVTrimCache(Cache):
     ``budget`` / ``head_budgets`` (``[n_layers][n_kv_heads]``) / ``params`` / ``basis``: as ``kvtrim.Cache``.
     ``prompt``: ``"compress"`` (default) prefills a multi-token first forward in one pass, letting the policy
     compress it; ``"stream"`` decodes it token by token (every token goes through eviction).
+    ``tap(layer, q, k, v)``: sees each layer's rotated queries ``[T, n_q_heads, head_dim]``, keys and values
+    ``[T, n_kv_heads, head_dim]`` (float32) before kvtrim does, e.g. to calibrate an EigenBasis.
     """
 
     def __init__(self, model: Any, policy: str, *, budget: int = 0,
                  head_budgets: Sequence[Sequence[int]] | None = None, params: Mapping[str, Any] | None = None,
                  basis: EigenBasis | None = None, prompt: str = "compress", threads: int = 1,
-                 check_finite: bool | None = None, device: Any = "cpu", storage: str = "float32"):
+                 check_finite: bool | None = None, device: Any = "cpu", storage: str = "float32",
+                 tap: Callable[[int, torch.Tensor, torch.Tensor, torch.Tensor], None] | None = None):
         config = getattr(model, "config", model)
         config = config.get_text_config() if hasattr(config, "get_text_config") else config
         self.config = config
@@ -121,6 +124,7 @@ class KVTrimCache(Cache):
         if prompt not in ("compress", "stream"):
             raise Error(f"kvtrim: KVTrimCache: prompt={prompt!r}; expected 'compress' or 'stream'")
         self.prompt = prompt
+        self.tap = tap
         self.kv = _KvCache(policy, n_layers=n_layers, n_kv_heads=n_kv, n_q_heads=n_q, head_dim=head_dim,
                            budget=budget, head_budgets=head_budgets, params=params, basis=basis, threads=threads,
                            check_finite=check_finite, device=device, storage=storage)
@@ -201,6 +205,8 @@ def kvtrim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     T = q.shape[0]
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
+    if cache.tap is not None:
+        cache.tap(layer, q, k, v)
     kv = cache.kv
     kv._follow_stream(q)
     first = _first_position(kwargs, T, cache, layer)

@@ -268,6 +268,15 @@ std::vector<std::pair<std::string, std::string>> policy_params(const std::string
   return out;
 }
 
+bool never_evicts(const std::string& name) {
+  bool never = false;
+  kvtrim::with_policy(name, [&](const auto& entry) {
+    using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+    never = kvtrim::never_evicts_in_decode<P>();
+  });
+  return never;
+}
+
 bool needs_basis(const std::string& name) {
   bool needs = false;
   kvtrim::with_policy(name, [&](const auto& entry) {
@@ -290,6 +299,8 @@ NB_MODULE(_kvtrim, m) {
   }, "The registered policy names, in registry order.");
   m.def("policy_params", &policy_params, "name"_a, "A policy's parameters with their default values, as text.");
   m.def("needs_basis", &needs_basis, "name"_a, "Whether the policy needs a calibrated EigenBasis.");
+  m.def("never_evicts", &never_evicts, "name"_a,
+        "Whether the policy never evicts while decoding (its budget must hold every token).");
   m.attr("has_cuda") = kHasCuda;
   m.attr("next_position") = kvtrim::kNextPosition;
 
