@@ -210,12 +210,17 @@ def kvtrim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     kv = cache.kv
     kv._follow_stream(q)
     first = _first_position(kwargs, T, cache, layer)
-    if T == 1:
-        kv.decode_into(layer, q[0], k[0], v[0], out[0], first)
-    elif kv.next_position(layer) == 0 and first == 0 and cache.prompt == "compress":
-        kv.prefill_into(layer, q, k, v, out)
+    if not q.is_cuda:  # NumPy views of the same memory cross the binding ~4x faster than torch's __dlpack__
+        q, k, v = q.numpy(), k.numpy(), v.numpy()
+        out_np = out.numpy()
     else:
-        kv.append_into(layer, q, k, v, out, first)
+        out_np = out
+    if T == 1:
+        kv.decode_into(layer, q[0], k[0], v[0], out_np[0], first)
+    elif kv.next_position(layer) == 0 and first == 0 and cache.prompt == "compress":
+        kv.prefill_into(layer, q, k, v, out_np)
+    else:
+        kv.append_into(layer, q, k, v, out_np, first)
     out = out.unsqueeze(0)
     return (out if dtype == torch.float32 else out.to(dtype)), None
 
