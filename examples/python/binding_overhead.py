@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """binding_overhead.py: what a decode call costs from Python against the same call from C++.
 
+    cmake --build build --target kvtrim_decode_overhead      # the C++ side (not built by default)
     python examples/python/binding_overhead.py [--cpp build/python/kvtrim_decode_overhead]
 
 For each shape and policy: one layer, the cache filled to its budget, then timed decode calls (thread CPU time,

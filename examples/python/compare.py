@@ -254,6 +254,8 @@ def plot(rows, out: str) -> None:
                              if r["protocol"] == protocol and r["policy"] == policy and not r["error"])
                 if pts:
                     ax.plot(*zip(*pts), marker="o", label=policy)
+            if metric == "ppl_ratio":
+                ax.set_yscale("log")
             ax.set_xlabel("KV memory, % of the full cache")
             ax.set_ylabel(label)
             ax.set_title(f"{protocol} protocol")

@@ -185,10 +185,13 @@ def kvtrim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
                      **kwargs):
     """The ``"kvtrim"`` attention function: kvtrim's attention for layers fed by a KVTrimCache, SDPA otherwise."""
     pending = getattr(_handoff, "pending", None)
-    if pending is None or pending[2] is not key:
+    if pending is None:  # no KVTrimCache behind this call: plain SDPA
         fallback = AttentionInterface._global_mapping["sdpa"]
         return fallback(module, query, key, value, attention_mask, scaling=scaling, dropout=dropout, **kwargs)
     _handoff.pending = None
+    if pending[2] is not key or pending[3] is not value:
+        raise Error("kvtrim: this model's attention does not use the keys and values its cache returned "
+                    f"({type(module).__name__}); kvtrim.hf supports Llama-family attention")
     cache, layer = pending[0], pending[1]
     if dropout:
         raise Error("kvtrim: attention dropout is not supported (kvtrim serves inference)")

@@ -5,6 +5,7 @@ windows: perplexity (relative difference <= 1e-4), greedy text, StreamingLLM and
 from __future__ import annotations
 
 import csv
+import importlib.util
 import math
 import subprocess
 import sys
@@ -161,13 +162,17 @@ def test_compare_script_gives_the_cpp_comparison_figures(hf_model_dir, models, t
         pytest.skip(f"C++ comparison missing ({COMPARE_BIN}): build it with cmake --build build --target "
                     "compare_policies, or set KVTRIM_COMPARE_BIN")
     cpp_dir, py_dir = tmp_path / "cpp", tmp_path / "py"
+    plots = importlib.util.find_spec("matplotlib") is not None  # the plots are checked where matplotlib is
     subprocess.run([str(COMPARE_BIN), "--model", str(models["model"]), "--tokenizer", str(models["tokenizer"]),
                     "--text", str(models["text"]), "--bytes", str(BYTES), "--budgets", "64",
                     "--policies", "StreamingLLM,H2O", "--threads", "1", "--no-plots", "--out", str(cpp_dir)],
                    check=True, capture_output=True)
     subprocess.run([sys.executable, str(ROOT / "examples" / "python" / "compare.py"), "--model", str(hf_model_dir),
                     "--text", str(models["text"]), "--bytes", str(BYTES), "--budgets", "64",
-                    "--policies", "streaming,h2o", "--no-plots", "--out", str(py_dir)], check=True, capture_output=True)
+                    "--policies", "streaming,h2o", "--out", str(py_dir)] + ([] if plots else ["--no-plots"]),
+                   check=True, capture_output=True)
+    for plot in ["ppl_ratio", "long_range_recall", "top1_agreement"] if plots else []:
+        assert (py_dir / f"{plot}.png").stat().st_size > 10000
     cpp = {(r["protocol"], r["policy"]): r for r in csv.DictReader(open(cpp_dir / "results.csv"))}
     py = {(r["protocol"], r["policy"]): r for r in csv.DictReader(open(py_dir / "results.csv"))}
     names = {"Full": "full", "StreamingLLM": "streaming", "H2O": "h2o"}
