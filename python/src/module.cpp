@@ -17,6 +17,7 @@
 #include <kvtrim/kvtrim.hpp>
 #include <kvtrim/registry.hpp>
 
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <span>
@@ -168,6 +169,7 @@ class Cache {
     const Arg o = check_array(out, "prefill", "out", c.n_q_heads, c.head_dim, true, h_);
     same_rows("prefill", q, k, v, o);
     same_memory("prefill", q, k, v, o);
+    Busy busy(*this);
     nb::gil_scoped_release release;
     h_.cache->prefill(layer, span_of(q, q.rows * qw_), span_of(k, k.rows * kw_), span_of(v, v.rows * kw_),
                       span_out(o, o.rows * qw_));
@@ -180,6 +182,7 @@ class Cache {
     const Arg v = check_array(v_, "decode", "v", c.n_kv_heads, c.head_dim, false, h_);
     const Arg o = check_array(out, "decode", "out", c.n_q_heads, c.head_dim, false, h_);
     same_memory("decode", q, k, v, o);
+    idle();
     h_.cache->decode(layer, span_of(q, qw_), span_of(k, kw_), span_of(v, kw_), span_out(o, qw_), position);
   }
 
@@ -196,6 +199,7 @@ class Cache {
     same_memory("append", q, k, v, o);
     KVTRIM_CHECK(position >= kvtrim::kNextPosition, "append: position ", position,
                  " must be >= 0 (or -1 for the next position)");
+    Busy busy(*this);
     nb::gil_scoped_release release;
     for (std::size_t t = 0; t < q.rows; ++t) {
       const std::int64_t pos = position == kvtrim::kNextPosition ? kvtrim::kNextPosition
@@ -212,20 +216,26 @@ class Cache {
     }
   }
 
-  void reset() { h_.cache->reset(); }
+  void reset() {
+    idle();
+    h_.cache->reset();
+  }
 
-  const kvtrim::AnyCache& any() const { return *h_.cache; }
+  const kvtrim::AnyCache& any() const {
+    idle();
+    return *h_.cache;
+  }
   const CacheHandle& handle() const { return h_; }
 
   nb::ndarray<nb::numpy, std::int64_t, nb::ndim<1>> positions(int layer, int kv_head) const {
-    auto* p = new std::vector<std::int64_t>(h_.cache->positions(layer, kv_head));
+    auto* p = new std::vector<std::int64_t>(any().positions(layer, kv_head));
     nb::capsule owner(p, [](void* x) noexcept { delete static_cast<std::vector<std::int64_t>*>(x); });
     return {p->data(), {p->size()}, owner};
   }
 
   std::vector<std::pair<std::string, std::string>> params() const {
     std::vector<std::pair<std::string, std::string>> out;
-    std::istringstream in(h_.cache->params());
+    std::istringstream in(any().params());
     for (std::string item; in >> item;) {
       const std::size_t eq = item.find('=');
       out.emplace_back(item.substr(0, eq), eq == std::string::npos ? "" : item.substr(eq + 1));
@@ -234,17 +244,33 @@ class Cache {
   }
 
   void set_stream(std::uintptr_t stream) {
+    idle();
     KVTRIM_CHECK(h_.set_stream != nullptr, "set_stream: this cache uses the CPU backend (no CUDA stream)");
     h_.set_stream(stream);
   }
   void synchronize() {
     if (h_.synchronize) {
+      Busy busy(*this);
       nb::gil_scoped_release release;
       h_.synchronize();
     }
   }
 
  private:
+  // prefill, append and synchronize run without the GIL: while they do, the cache refuses other calls (a cache
+  // serves one thread at a time) instead of racing. The flag is set and tested with the GIL held.
+  struct Busy {
+    explicit Busy(Cache& c) : c_(c) {
+      c_.idle();
+      c_.busy_.store(true);
+    }
+    ~Busy() { c_.busy_.store(false); }
+    Cache& c_;
+  };
+  void idle() const {
+    KVTRIM_CHECK(!busy_.load(), "this cache is in use by another thread (a cache serves one thread at a time)");
+  }
+
   static void same_rows(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o) {
     KVTRIM_CHECK(k.rows == q.rows && v.rows == q.rows && o.rows == q.rows, op, ": Q, K, V and out must have the same "
                  "number of rows (tokens); got ", q.rows, ", ", k.rows, ", ", v.rows, " and ", o.rows);
@@ -259,6 +285,7 @@ class Cache {
 
   CacheHandle h_;
   std::size_t qw_ = 0, kw_ = 0;
+  std::atomic<bool> busy_{false};
 };
 
 // Each registered policy's default parameters (registry entry defaults over Params{}), as text.
