@@ -34,4 +34,26 @@ else
   cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DKVTRIM_WERROR=ON
   cmake --build build -j"$jobs"
   ctest --test-dir build --output-on-failure -j"$jobs"
+  # ---- Python (python/): `pip install .` into build-python/venv, then pytest; skips are listed with reasons.
+  # torch (CPU use, PyPI's CUDA build) and transformers come through uv: the same PyPI wheels as pip, ~4x faster.
+  # KVTRIM_SKIP_PYTHON=1 leaves this step out (it says so).
+  if [ "${KVTRIM_SKIP_PYTHON:-0}" = "1" ]; then
+    echo "test.sh: Python tests NOT run (KVTRIM_SKIP_PYTHON=1)"
+  else
+    python_start=$SECONDS
+    if ! python3 -c 'import ensurepip, sysconfig, os; assert os.path.exists(sysconfig.get_paths()["include"] + "/Python.h")' 2>/dev/null; then
+      sudo=""; [ "$(id -u)" -eq 0 ] || sudo="sudo"
+      $sudo apt-get update -qq
+      DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq python3-venv python3-dev
+    fi
+    venv=build-python/venv
+    [ -x "$venv/bin/python" ] || python3 -m venv "$venv"
+    "$venv/bin/python" -m pip install -q --disable-pip-version-check uv
+    "$venv/bin/python" -m uv pip install -q --python "$venv/bin/python" numpy pytest torch 'transformers>=5,<6' matplotlib
+    KVTRIM_WERROR=ON "$venv/bin/python" -m pip install -q --disable-pip-version-check .
+    echo "test.sh: Python environment and kvtrim module ready in $((SECONDS - python_start)) s"
+    KVTRIM_REFERENCE_BIN="$PWD/build/python/kvtrim_llama2_ref" KVTRIM_COMPARE_BIN="$PWD/build/examples/compare_policies" \
+      "$venv/bin/python" -m pytest python/tests -rs -q -p no:cacheprovider
+    echo "test.sh: Python step took $((SECONDS - python_start)) s"
+  fi
 fi

@@ -1,0 +1,409 @@
+// kvtrim._kvtrim: the nanobind module under the kvtrim Python package.
+//
+// It binds the runtime-chosen cache (any_cache.hpp) and the policy registry (registry.hpp): a policy added to
+// the registry is available here with no code of its own. Tensors cross without copies as nb::ndarray (DLPack:
+// NumPy arrays, PyTorch CPU tensors, and CUDA tensors when the CUDA factory is built). Every array is checked
+// by hand (dtype, shape, device, C-contiguity) so that a bad one raises kvtrim.Error (a ValueError) naming the
+// argument and what was expected; kvtrim::Error from the C++ side becomes the same exception with the same text.
+#include <nanobind/nanobind.h>
+#include <nanobind/ndarray.h>
+#include <nanobind/stl/pair.h>
+#include <nanobind/stl/shared_ptr.h>
+#include <nanobind/stl/string.h>
+#include <nanobind/stl/string_view.h>
+#include <nanobind/stl/vector.h>
+
+#include <kvtrim/any_cache.hpp>
+#include <kvtrim/kvtrim.hpp>
+#include <kvtrim/registry.hpp>
+
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <sstream>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include "factory.hpp"
+
+namespace nb = nanobind;
+using namespace nb::literals;
+
+namespace kvtrim_py {
+
+using In = nb::ndarray<nb::ro>;  // any dtype, shape and device: checked below, so errors are kvtrim.Error
+using Out = nb::ndarray<>;
+
+#ifdef KVTRIM_PYTHON_CUDA
+inline constexpr bool kHasCuda = true;
+#else
+inline constexpr bool kHasCuda = false;
+inline CacheHandle make_cuda_cache(std::string_view, const kvtrim::CacheConfig&, const kvtrim::PolicyOptions&,
+                                   std::string_view, int) {
+  kvtrim::detail::throw_error("this kvtrim module was built without CUDA (rebuild with KVTRIM_PYTHON_CUDA=ON: "
+                              "see python/README.md)");
+}
+#endif
+
+std::string dtype_name(nb::dlpack::dtype t) {
+  const char* kind = t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Int)      ? "int"
+                     : t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::UInt)   ? "uint"
+                     : t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Float)  ? "float"
+                     : t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bfloat) ? "bfloat"
+                     : t.code == static_cast<std::uint8_t>(nb::dlpack::dtype_code::Bool)   ? "bool"
+                                                                                           : "dtype code ";
+  std::string s = kind;
+  if (s == "dtype code ") s += std::to_string(t.code) + " of ";
+  return s + std::to_string(t.bits) + (t.lanes != 1 ? "x" + std::to_string(t.lanes) : "");
+}
+
+template <class A>
+std::string shape_text(const A& a) {
+  std::string s = "(";
+  for (std::size_t i = 0; i < a.ndim(); ++i) s += (i ? ", " : "") + std::to_string(a.shape(i));
+  return s + (a.ndim() == 1 ? ",)" : ")");
+}
+
+enum class Memory { kHost, kDevice };
+
+// One argument of a call: where it lives and its rows. `rows`: a leading token dimension [T, heads, d] or
+// [T, heads*d] (prefill, append); otherwise [heads, d] or [heads*d] (decode), leading dimensions of size 1
+// allowed. Returns T (1 without rows).
+struct Arg {
+  const float* data;
+  std::size_t rows;
+  Memory memory;
+};
+
+template <class A>
+Arg check_array(const A& a, const char* op, const char* name, int heads, int d, bool rows, const CacheHandle& h) {
+  const auto fail = [&](const auto&... parts) {
+    kvtrim::detail::throw_error(op, ": ", name, " ", parts...);
+  };
+  if (a.dtype() != nb::dtype<float>())
+    fail("has dtype ", dtype_name(a.dtype()), "; kvtrim takes float32 (the C++ API computes on float spans: convert "
+         "with .float() / .astype(numpy.float32))");
+  Memory memory = Memory::kHost;
+  const int dev = a.device_type();
+  if (dev == nb::device::cuda::value) {
+    if (!h.on_device)
+      fail("is a CUDA tensor but this cache uses the CPU backend (make the cache with device='cuda', or pass CPU "
+           "tensors)");
+    if (a.device_id() != h.device)
+      fail("is on CUDA device ", a.device_id(), " but this cache lives on CUDA device ", h.device);
+    memory = Memory::kDevice;
+  } else if (dev != nb::device::cpu::value && dev != nb::device::cuda_host::value) {
+    fail("lives on DLPack device type ", dev, "; kvtrim takes CPU", h.on_device ? " or CUDA" : "", " memory");
+  }
+  // Shape: [rows?] + [heads, d] or [heads * d].
+  const std::size_t nd = a.ndim();
+  const std::size_t width = static_cast<std::size_t>(heads) * static_cast<std::size_t>(d);
+  std::size_t T = 1, first = 0;
+  bool ok = false;
+  if (rows) {
+    if (nd >= 2) T = a.shape(0), first = 1;
+  } else {
+    while (first + 1 < nd && a.shape(first) == 1 && nd - first > 2) ++first;  // drop leading size-1 dims
+  }
+  const std::size_t rest = nd - first;
+  if (rest == 2) ok = a.shape(first) == static_cast<std::size_t>(heads) && a.shape(first + 1) == static_cast<std::size_t>(d);
+  if (rest == 1) ok = a.shape(first) == width;
+  if (!ok || (rows && nd < 2))
+    fail("has shape ", shape_text(a), "; expected ", rows ? "(T, " : "(", heads, ", ", d, ") or ", rows ? "(T, " : "(",
+         width, rows ? ")" : ",)", rows ? " with T tokens" : "");
+  if (rows && T == 0) fail("has no rows (T = 0)");
+  // C-contiguous (size-1 dimensions may have any stride).
+  std::int64_t expect = 1;
+  for (std::size_t i = nd; i-- > 0;) {
+    if (a.shape(i) != 1 && a.stride(i) != expect)
+      fail("is not C-contiguous (shape ", shape_text(a), ", strides in elements ", [&] {
+        std::string s = "(";
+        for (std::size_t j = 0; j < nd; ++j) s += (j ? ", " : "") + std::to_string(a.stride(j));
+        return s + ")";
+      }(), "); pass a contiguous copy (.contiguous() / numpy.ascontiguousarray)");
+    expect *= static_cast<std::int64_t>(a.shape(i));
+  }
+  return {static_cast<const float*>(a.data()), T, memory};
+}
+
+std::span<const float> span_of(const Arg& a, std::size_t n) { return {a.data, n}; }
+std::span<float> span_out(const Arg& a, std::size_t n) { return {const_cast<float*>(a.data), n}; }
+
+class Cache {
+ public:
+  Cache(const std::string& policy, int n_layers, int n_kv_heads, int n_q_heads, int head_dim, int budget,
+        std::vector<int> head_budgets, std::vector<std::pair<std::string, std::string>> params,
+        std::shared_ptr<kvtrim::EigenBasis> basis, int threads, bool check_finite, const std::string& device,
+        int device_index, const std::string& storage) {
+    kvtrim::CacheConfig cfg;
+    cfg.n_layers = n_layers;
+    cfg.n_kv_heads = n_kv_heads;
+    cfg.n_q_heads = n_q_heads;
+    cfg.head_dim = head_dim;
+    cfg.budget = budget;
+    cfg.head_budgets = std::move(head_budgets);
+    cfg.threads = threads;
+    cfg.check_finite = check_finite;
+    kvtrim::PolicyOptions opt{std::move(params), std::move(basis)};
+    if (device == "cpu") {
+      KVTRIM_CHECK(storage == "float32", "Cache: storage '", storage,
+                   "' is not available on the CPU backend (it stores float32)");
+      h_ = make_cpu_cache(policy, cfg, opt);
+    } else if (device == "cuda") {
+      h_ = make_cuda_cache(policy, cfg, opt, storage, device_index);
+    } else {
+      kvtrim::detail::throw_error("Cache: device '", device, "'; expected 'cpu' or 'cuda'");
+    }
+    const auto& c = h_.cache->config();
+    qw_ = static_cast<std::size_t>(c.n_q_heads) * c.head_dim;
+    kw_ = static_cast<std::size_t>(c.n_kv_heads) * c.head_dim;
+  }
+
+  void prefill(int layer, const In& Q, const In& K, const In& V, const Out& out) {
+    const auto& c = h_.cache->config();
+    const Arg q = check_array(Q, "prefill", "Q", c.n_q_heads, c.head_dim, true, h_);
+    const Arg k = check_array(K, "prefill", "K", c.n_kv_heads, c.head_dim, true, h_);
+    const Arg v = check_array(V, "prefill", "V", c.n_kv_heads, c.head_dim, true, h_);
+    const Arg o = check_array(out, "prefill", "out", c.n_q_heads, c.head_dim, true, h_);
+    same_rows("prefill", q, k, v, o);
+    same_memory("prefill", q, k, v, o);
+    Busy busy(*this);
+    nb::gil_scoped_release release;
+    h_.cache->prefill(layer, span_of(q, q.rows * qw_), span_of(k, k.rows * kw_), span_of(v, v.rows * kw_),
+                      span_out(o, o.rows * qw_));
+  }
+
+  void decode(int layer, const In& q_, const In& k_, const In& v_, const Out& out, std::int64_t position) {
+    const auto& c = h_.cache->config();
+    const Arg q = check_array(q_, "decode", "q", c.n_q_heads, c.head_dim, false, h_);
+    const Arg k = check_array(k_, "decode", "k", c.n_kv_heads, c.head_dim, false, h_);
+    const Arg v = check_array(v_, "decode", "v", c.n_kv_heads, c.head_dim, false, h_);
+    const Arg o = check_array(out, "decode", "out", c.n_q_heads, c.head_dim, false, h_);
+    same_memory("decode", q, k, v, o);
+    idle();
+    h_.cache->decode(layer, span_of(q, qw_), span_of(k, kw_), span_of(v, kw_), span_out(o, qw_), position);
+  }
+
+  // T new tokens of one layer, each through decode in order (token i attends to the kept tokens and tokens < i
+  // of this call, as if decoded one by one), at positions position, position+1, ... (or the next ones).
+  // A rejected row i leaves rows < i applied; the error names the row.
+  void append(int layer, const In& Q, const In& K, const In& V, const Out& out, std::int64_t position) {
+    const auto& c = h_.cache->config();
+    const Arg q = check_array(Q, "append", "Q", c.n_q_heads, c.head_dim, true, h_);
+    const Arg k = check_array(K, "append", "K", c.n_kv_heads, c.head_dim, true, h_);
+    const Arg v = check_array(V, "append", "V", c.n_kv_heads, c.head_dim, true, h_);
+    const Arg o = check_array(out, "append", "out", c.n_q_heads, c.head_dim, true, h_);
+    same_rows("append", q, k, v, o);
+    same_memory("append", q, k, v, o);
+    KVTRIM_CHECK(position >= kvtrim::kNextPosition, "append: position ", position,
+                 " must be >= 0 (or -1 for the next position)");
+    Busy busy(*this);
+    nb::gil_scoped_release release;
+    for (std::size_t t = 0; t < q.rows; ++t) {
+      const std::int64_t pos = position == kvtrim::kNextPosition ? kvtrim::kNextPosition
+                                                                 : position + static_cast<std::int64_t>(t);
+      try {
+        h_.cache->decode(layer, {q.data + t * qw_, qw_}, {k.data + t * kw_, kw_}, {v.data + t * kw_, kw_},
+                         {const_cast<float*>(o.data) + t * qw_, qw_}, pos);
+      } catch (const kvtrim::Error& e) {
+        if (q.rows == 1) throw;
+        std::string what = e.what();
+        if (what.rfind("kvtrim: ", 0) == 0) what.erase(0, 8);
+        kvtrim::detail::throw_error("append: row ", t, " of ", q.rows, " (rows before it were applied): ", what);
+      }
+    }
+  }
+
+  void reset() {
+    idle();
+    h_.cache->reset();
+  }
+
+  const kvtrim::AnyCache& any() const {
+    idle();
+    return *h_.cache;
+  }
+  const CacheHandle& handle() const { return h_; }
+
+  nb::ndarray<nb::numpy, std::int64_t, nb::ndim<1>> positions(int layer, int kv_head) const {
+    auto* p = new std::vector<std::int64_t>(any().positions(layer, kv_head));
+    nb::capsule owner(p, [](void* x) noexcept { delete static_cast<std::vector<std::int64_t>*>(x); });
+    return {p->data(), {p->size()}, owner};
+  }
+
+  std::vector<std::pair<std::string, std::string>> params() const {
+    std::vector<std::pair<std::string, std::string>> out;
+    std::istringstream in(any().params());
+    for (std::string item; in >> item;) {
+      const std::size_t eq = item.find('=');
+      out.emplace_back(item.substr(0, eq), eq == std::string::npos ? "" : item.substr(eq + 1));
+    }
+    return out;
+  }
+
+  void set_stream(std::uintptr_t stream) {
+    idle();
+    KVTRIM_CHECK(h_.set_stream != nullptr, "set_stream: this cache uses the CPU backend (no CUDA stream)");
+    h_.set_stream(stream);
+  }
+  void synchronize() {
+    if (h_.synchronize) {
+      Busy busy(*this);
+      nb::gil_scoped_release release;
+      h_.synchronize();
+    }
+  }
+
+ private:
+  // prefill, append and synchronize run without the GIL: while they do, the cache refuses other calls (a cache
+  // serves one thread at a time) instead of racing. The flag is set and tested with the GIL held.
+  struct Busy {
+    explicit Busy(Cache& c) : c_(c) {
+      c_.idle();
+      c_.busy_.store(true);
+    }
+    ~Busy() { c_.busy_.store(false); }
+    Cache& c_;
+  };
+  void idle() const {
+    KVTRIM_CHECK(!busy_.load(), "this cache is in use by another thread (a cache serves one thread at a time)");
+  }
+
+  static void same_rows(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o) {
+    KVTRIM_CHECK(k.rows == q.rows && v.rows == q.rows && o.rows == q.rows, op, ": Q, K, V and out must have the same "
+                 "number of rows (tokens); got ", q.rows, ", ", k.rows, ", ", v.rows, " and ", o.rows);
+  }
+  void same_memory(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o) const {
+    KVTRIM_CHECK(k.memory == q.memory && v.memory == q.memory && o.memory == q.memory, op,
+                 ": q, k, v and out must all be host memory or all CUDA device memory");
+    KVTRIM_CHECK(q.memory == Memory::kHost || !h_.cache->config().check_finite, op,
+                 ": CUDA tensors need a cache made with check_finite=False (the finiteness check reads inputs on "
+                 "the host)");
+  }
+
+  CacheHandle h_;
+  std::size_t qw_ = 0, kw_ = 0;
+  std::atomic<bool> busy_{false};
+};
+
+// Each registered policy's default parameters (registry entry defaults over Params{}), as text.
+std::vector<std::pair<std::string, std::string>> policy_params(const std::string& name) {
+  std::vector<std::pair<std::string, std::string>> out;
+  kvtrim::with_policy(name, [&](const auto& entry) { out = kvtrim::list_params(entry.params()); });
+  return out;
+}
+
+bool never_evicts(const std::string& name) {
+  bool never = false;
+  kvtrim::with_policy(name, [&](const auto& entry) {
+    using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+    never = kvtrim::never_evicts_in_decode<P>();
+  });
+  return never;
+}
+
+bool needs_basis(const std::string& name) {
+  bool needs = false;
+  kvtrim::with_policy(name, [&](const auto& entry) {
+    needs = std::remove_cvref_t<decltype(entry)>::kNeedsBasis;
+  });
+  return needs;
+}
+
+}  // namespace kvtrim_py
+
+NB_MODULE(_kvtrim, m) {
+  using namespace kvtrim_py;
+  m.doc() = "kvtrim C++ core (nanobind); use the kvtrim package, not this module";
+  nb::exception<kvtrim::Error>(m, "Error", PyExc_ValueError);
+
+  m.def("policies", [] {
+    std::vector<std::string> names;
+    for (std::string_view n : kvtrim::policy_names()) names.emplace_back(n);
+    return names;
+  }, "The registered policy names, in registry order.");
+  m.def("policy_params", &policy_params, "name"_a, "A policy's parameters with their default values, as text.");
+  m.def("needs_basis", &needs_basis, "name"_a, "Whether the policy needs a calibrated EigenBasis.");
+  m.def("never_evicts", &never_evicts, "name"_a,
+        "Whether the policy never evicts while decoding (its budget must hold every token).");
+  m.attr("has_cuda") = kHasCuda;
+  m.attr("next_position") = kvtrim::kNextPosition;
+
+  nb::class_<kvtrim::EigenBasis>(m, "EigenBasis", "Per-(layer, KV head) low-rank key/value bases (Eigen Attention).")
+      .def_static("load", [](const std::string& path) { return std::make_shared<kvtrim::EigenBasis>(kvtrim::EigenBasis::load(path)); },
+                  "path"_a)
+      .def("save", &kvtrim::EigenBasis::save, "path"_a)
+      .def_prop_ro("n_layers", &kvtrim::EigenBasis::n_layers)
+      .def_prop_ro("n_kv_heads", &kvtrim::EigenBasis::n_kv_heads)
+      .def_prop_ro("head_dim", &kvtrim::EigenBasis::head_dim)
+      .def_prop_ro("floats_per_token", &kvtrim::EigenBasis::floats_per_token)
+      .def("key_rank", &kvtrim::EigenBasis::key_rank, "layer"_a, "kv_head"_a)
+      .def("value_rank", &kvtrim::EigenBasis::value_rank, "layer"_a, "kv_head"_a);
+
+  nb::class_<kvtrim::EigenCalibrator>(m, "EigenCalibrator",
+                                      "Collects post-RoPE keys, values (and queries) to calibrate an EigenBasis.")
+      .def("__init__", [](kvtrim::EigenCalibrator* self, int n_layers, int n_kv_heads, int n_q_heads, int head_dim) {
+             kvtrim::CacheConfig shape{.n_layers = n_layers, .n_kv_heads = n_kv_heads, .n_q_heads = n_q_heads,
+                                       .head_dim = head_dim, .budget = 1};
+             new (self) kvtrim::EigenCalibrator(shape);
+           }, nb::kw_only(), "n_layers"_a, "n_kv_heads"_a, "n_q_heads"_a, "head_dim"_a)
+      .def("_add", [](kvtrim::EigenCalibrator& self, int layer, int n_kv_heads, int n_q_heads, int head_dim,
+                      const In& K, const In& V, const In* Q) {
+             CacheHandle host;  // host memory only
+             const Arg k = check_array(K, "EigenCalibrator.add", "K", n_kv_heads, head_dim, true, host);
+             const Arg v = check_array(V, "EigenCalibrator.add", "V", n_kv_heads, head_dim, true, host);
+             const std::size_t kw = static_cast<std::size_t>(n_kv_heads) * head_dim;
+             std::span<const float> qs;
+             if (Q != nullptr) {
+               const Arg q = check_array(*Q, "EigenCalibrator.add", "Q", n_q_heads, head_dim, true, host);
+               qs = span_of(q, q.rows * static_cast<std::size_t>(n_q_heads) * head_dim);
+             }
+             self.add(layer, span_of(k, k.rows * kw), span_of(v, v.rows * kw), qs);
+           }, "layer"_a, "n_kv_heads"_a, "n_q_heads"_a, "head_dim"_a, "K"_a, "V"_a, "Q"_a.none())
+      .def("key_rows", &kvtrim::EigenCalibrator::key_rows, "layer"_a, "kv_head"_a)
+      .def("basis", [](const kvtrim::EigenCalibrator& self, double energy, int key_rank, int value_rank,
+                       bool uniform_layer_rank, bool use_queries) {
+             kvtrim::EigenCalibration opt;
+             opt.energy = energy;
+             opt.key_rank = key_rank;
+             opt.value_rank = value_rank;
+             opt.uniform_layer_rank = uniform_layer_rank;
+             opt.use_queries = use_queries;
+             return std::make_shared<kvtrim::EigenBasis>(self.basis(opt));
+           }, nb::kw_only(), "energy"_a = 0.98, "key_rank"_a = 0, "value_rank"_a = 0, "uniform_layer_rank"_a = true,
+           "use_queries"_a = true);
+
+  nb::class_<Cache>(m, "Cache")
+      .def(nb::init<const std::string&, int, int, int, int, int, std::vector<int>,
+                    std::vector<std::pair<std::string, std::string>>, std::shared_ptr<kvtrim::EigenBasis>, int, bool,
+                    const std::string&, int, const std::string&>(),
+           "policy"_a, "n_layers"_a, "n_kv_heads"_a, "n_q_heads"_a, "head_dim"_a, "budget"_a, "head_budgets"_a,
+           "params"_a, "basis"_a.none(), "threads"_a, "check_finite"_a, "device"_a, "device_index"_a, "storage"_a)
+      .def("prefill_into", &Cache::prefill, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a,
+           "Prompt of T tokens for one layer; writes causal attention into out, then the policy compresses.")
+      .def("decode_into", &Cache::decode, "layer"_a, "q"_a, "k"_a, "v"_a, "out"_a, "position"_a = kvtrim::kNextPosition,
+           "One new token for one layer; writes attention over the kept tokens into out.")
+      .def("append_into", &Cache::append, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a,
+           "position"_a = kvtrim::kNextPosition, "T new tokens of one layer, decoded one after another.")
+      .def("reset", &Cache::reset, "Forget every token (a new sequence); budgets and parameters stay.")
+      .def("size", [](const Cache& c, int l, int h) { return c.any().size(l, h); }, "layer"_a, "kv_head"_a)
+      .def("budget", [](const Cache& c, int l, int h) { return c.any().budget(l, h); }, "layer"_a, "kv_head"_a)
+      .def("positions", &Cache::positions, "layer"_a, "kv_head"_a, "Original positions of the kept tokens, ascending.")
+      .def("next_position", [](const Cache& c, int l) { return c.any().next_position(l); }, "layer"_a)
+      .def_prop_ro("bytes_used", [](const Cache& c) { return c.any().bytes_used(); })
+      .def_prop_ro("bytes_reserved", [](const Cache& c) { return c.any().bytes_reserved(); })
+      .def_prop_ro("evictions", [](const Cache& c) { return c.any().evictions(); })
+      .def_prop_ro("merges", [](const Cache& c) { return c.any().merges(); })
+      .def_prop_ro("policy", [](const Cache& c) { return std::string(c.any().policy_name()); })
+      .def_prop_ro("_params", &Cache::params)
+      .def_prop_ro("n_layers", [](const Cache& c) { return c.any().config().n_layers; })
+      .def_prop_ro("n_kv_heads", [](const Cache& c) { return c.any().config().n_kv_heads; })
+      .def_prop_ro("n_q_heads", [](const Cache& c) { return c.any().config().n_q_heads; })
+      .def_prop_ro("head_dim", [](const Cache& c) { return c.any().config().head_dim; })
+      .def_prop_ro("check_finite", [](const Cache& c) { return c.any().config().check_finite; })
+      .def_prop_ro("on_device", [](const Cache& c) { return c.handle().on_device; })
+      .def("_set_stream", &Cache::set_stream, "stream"_a)
+      .def("synchronize", &Cache::synchronize, "Waits for queued CUDA work (no-op on the CPU backend).");
+}
