@@ -73,6 +73,14 @@ TEST_CASE("cli: options, values, flags and positionals", "[cli]") {
     else if (p.positional()) seen.push_back("text " + p.current());
   }
   REQUIRE(seen == std::vector<std::string>{"steps 12", "quick", "text hello", "steps 7"});
+  for (const char* help : {"--help", "-h"}) {
+    Argv h({"--quick", help});
+    p.start(h.argc(), h.argv());
+    REQUIRE(p.next());
+    REQUIRE(p.next());
+    REQUIRE(p.is("--help"));
+    REQUIRE_FALSE(p.next());
+  }
 
   auto parse_all = [&](std::vector<std::string> args, bool positional) {
     cli::Parser q("prog", {{"--steps", "N", "steps"}, {"--quick", "", "fast"}}, positional);

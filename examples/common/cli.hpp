@@ -90,6 +90,11 @@ class Parser {
     std::string a = args_[i_++];
     value_.clear();
     has_inline_ = false;
+    if (a == "--help" || a == "-h") {
+      cur_ = "--help";
+      is_positional_ = false;
+      return true;
+    }
     if (a.size() > 2 && a.rfind("--", 0) == 0) {
       const std::size_t eq = a.find('=');
       if (eq != std::string::npos) {
@@ -100,12 +105,6 @@ class Parser {
       const Option* o = find(a);
       if (o == nullptr) throw UsageError("unknown option '" + a + "'; the options are " + option_list());
       pending_ = has_inline_ && o->arg.empty();
-      cur_ = a;
-      is_positional_ = false;
-      return true;
-    }
-    if (a == "-h") a = "--help";
-    if (a == "--help") {
       cur_ = a;
       is_positional_ = false;
       return true;
