@@ -59,10 +59,14 @@ kvtrim_cli_case(window_too_small visualize_kept 2 "--window: 1 is out of range 2
 kvtrim_cli_case(layer_beyond_model visualize_kept 2 "--layer: 9 is out of range 0\\.\\.4" --layer 9 MODEL)
 kvtrim_cli_case(unexpected_argument visualize_kept 2 "unexpected argument 'H2O'; the options are" H2O)
 kvtrim_cli_case(text_missing visualize_kept 3 "text .*no/such/file.bin not found" --text ${nowhere})
+# soak
+kvtrim_cli_case(steps_not_a_number soak 2 "^soak: steps: 'abc' is not an integer" abc)
+kvtrim_cli_case(steps_zero soak 2 "^soak: steps: 0 is out of range 1\\.\\." 0)
+kvtrim_cli_case(too_many_arguments soak 2 "unexpected argument 'x'" 10 h2o x)
 # --help prints the usage on stdout and exits 0.
-foreach(program generate compare_policies visualize_kept)
+foreach(program generate compare_policies visualize_kept soak)
   if(TARGET ${program})
     add_test(NAME examples.cli.${program}.help COMMAND ${program} --help)
-    set_tests_properties(examples.cli.${program}.help PROPERTIES PASS_REGULAR_EXPRESSION "--out|--steps" TIMEOUT 60)
+    set_tests_properties(examples.cli.${program}.help PROPERTIES PASS_REGULAR_EXPRESSION "--out|--steps|steps" TIMEOUT 60)
   endif()
 endforeach()
