@@ -29,7 +29,7 @@ struct HeadStats {
   double norm_rank_corr = 0;  // Spearman(|k_j|, p_j) over j <= t, mean over queries
   double bos_norm_rank = 0;   // rank of |k_0| among the window's keys so far, 0 = lowest norm, 1 = highest
   double mass_top = 0;        // mass captured by the `probe` most-attended keys (oracle)
-  double mass_recent = 0;     // ... by BOS + the probe - 1 newest (StreamingLLM with 1 sink)
+  double mass_recent = 0;     // ... by BOS + the probe - 1 newest (`streaming` with 1 sink)
   double mass_low_norm = 0;   // ... by the probe lowest-norm keys (L2, nothing protected)
   double mass_l2_protected = 0;  // ... by 4 sinks + 10 newest + the lowest-norm others (L2 + Cold-Compress)
 
@@ -245,7 +245,7 @@ class HeadAnalysis {
     }
   }
 
-  static constexpr int kMinPerHead = 5;  // 4 sinks + 1, as StreamingLLM's plans
+  static constexpr int kMinPerHead = 5;  // 4 sinks + 1, as the `streaming` plans
   int L_, H_, g_, d_, max_, probe_, from_, stride_;
   std::vector<int> pool_budgets_;
   std::vector<HeadStats> stats_;

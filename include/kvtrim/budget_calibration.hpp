@@ -11,7 +11,7 @@
 //   BudgetPlan plan = allocate_budgets(cal.curves(), {.total = ...});
 //
 // Which b tokens a head keeps (KeepModel):
-//  - kSinksAndRecent: the first `sinks` positions and the newest b - sinks (what StreamingLLM keeps; with
+//  - kSinksAndRecent: the first `sinks` positions and the newest b - sinks (what `streaming` keeps; with
 //    b <= sinks, the first b - 1 and the newest). It measures how far back a head looks.
 //  - kTopAttention: the b positions this query attends to most (GQA: the mean over the query group), an
 //    oracle that no causal policy reaches; it measures how concentrated a head's attention is.

@@ -8,7 +8,7 @@
 //   BudgetCurves curves = calibrator.curves();                      // budget_calibration.hpp, or your own
 //   BudgetPlan plan = allocate_budgets(curves, {.total = 20 * 32, .min_budget = 8});
 //   plan.save("plan.kvb");                                           // later: BudgetPlan::load("plan.kvb")
-//   KVCache<StreamingLLM> cache(plan.apply(cfg), {.sinks = 4});
+//   auto cache = make_cache("streaming", plan.apply(cfg));        // any policy; or KVCache<P>(plan.apply(cfg))
 //
 // allocate_budgets() minimises sum_h cost_h(b_h) subject to sum_h b_h = total and min <= b_h <= max, where
 // cost_h(b) is what head h loses when it keeps b tokens (BudgetCurves, measured on calibration text). It works
