@@ -356,6 +356,9 @@ TEST_CASE("llama2: missing, truncated and inconsistent files give a clear kvtrim
 
   CHECK_THROWS_AS(llama2::Checkpoint::load(temp_path("does_not_exist.bin")), kvtrim::Error);
   CHECK_THROWS_WITH(llama2::Checkpoint::load(temp_path("does_not_exist.bin")), Catch::Contains("cannot open"));
+  // A directory opens as a stream on some systems and reads as garbage: it is named as what it is.
+  CHECK_THROWS_WITH(llama2::Checkpoint::load(fs::temp_directory_path().string()), Catch::Contains("is a directory"));
+  CHECK_THROWS_WITH(llama2::Tokenizer::load(fs::temp_directory_path().string(), 512), Catch::Contains("is a directory"));
 
   write_bytes(bad, std::vector<char>(bytes.begin(), bytes.begin() + 20));
   CHECK_THROWS_WITH(llama2::Checkpoint::load(bad), Catch::Contains("header"));

@@ -9,7 +9,7 @@
 //   wcls [vocab x dim]   only when vocab_size is negative in the header (unshared classifier).
 // Matrices are row-major [out x in], so y = W x.
 //
-// Every problem (missing file, truncated file, a header whose sizes disagree with the file size, absurd
+// Every problem (missing file, a directory, truncated file, a header whose sizes disagree with the file size, absurd
 // dimensions, non-finite weights) throws llama2::LoadError (a kvtrim::Error) before anything large is
 // allocated.
 #pragma once
@@ -20,6 +20,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <vector>
@@ -85,6 +86,9 @@ inline void validate_header(const Config& c, const std::string& path) {
 class Checkpoint {
  public:
   static Checkpoint load(const std::string& path) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec))
+      throw LoadError("llama2 checkpoint " + path + ": is a directory, not a checkpoint file");
     std::ifstream f(path, std::ios::binary | std::ios::ate);
     if (!f)
       throw LoadError("llama2 checkpoint " + path +

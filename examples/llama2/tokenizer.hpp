@@ -9,6 +9,7 @@
 #pragma once
 
 #include <cstdint>
+#include <filesystem>
 #include <fstream>
 #include <string>
 #include <string_view>
@@ -25,6 +26,9 @@ class Tokenizer {
   static constexpr int kEos = 2;
 
   static Tokenizer load(const std::string& path, int vocab_size) {
+    std::error_code ec;
+    if (std::filesystem::is_directory(path, ec))
+      throw LoadError("llama2 tokenizer " + path + ": is a directory, not a tokenizer file");
     std::ifstream f(path, std::ios::binary | std::ios::ate);
     if (!f)
       throw LoadError("llama2 tokenizer " + path +
