@@ -149,3 +149,35 @@ TEST_CASE("registry: settings text splits at commas but keeps a list value's own
   REQUIRE(error_of([&] { parse("0,1"); }).find("is not of the form key=value") != std::string::npos);
   REQUIRE(error_of([&] { parse("=3"); }).find("is not of the form key=value") != std::string::npos);
 }
+
+TEST_CASE("bytes_required is known before allocating, and impossible sizes are refused by name", "[memory]") {
+  const auto cfg = small_config();
+  const auto opt = options_for(cfg);
+  kvtrim::for_each_policy([&](const auto& entry) {
+    using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+    INFO(entry.name());
+    const auto params = kvtrim::policy_params(entry, opt);
+    const std::size_t need = kvtrim::KVCache<P>::bytes_required(cfg, params);
+    kvtrim::KVCache<P> cache(cfg, params);
+    // the slots are most of it; the rest is per-head state and per-thread scratch
+    REQUIRE(need >= cache.bytes_reserved());
+    REQUIRE(need <= cache.bytes_reserved() * 2 + 64 * 1024);
+  });
+  // 2^28 tokens x 64 floats x 2, and 2^32 heads: refused at once, naming the size, before any allocation
+  const std::string big = error_of([] {
+    kvtrim::KVCache<kvtrim::FullCache>({.n_layers = 1, .n_kv_heads = 1, .n_q_heads = 1, .head_dim = 64,
+                                        .budget = 1 << 28});
+  });
+  const std::string many = error_of([] {
+    kvtrim::KVCache<kvtrim::FullCache>({.n_layers = 65536, .n_kv_heads = 65536, .n_q_heads = 65536, .head_dim = 8,
+                                        .budget = 1});
+  });
+  for (const std::string& msg : {big, many}) {
+    INFO(msg);
+    REQUIRE(msg.find(" needs ") != std::string::npos);
+    REQUIRE(msg.find("GiB") != std::string::npos);
+  }
+  REQUIRE(kvtrim::KVCache<kvtrim::FullCache>::bytes_required(
+              {.n_layers = 65536, .n_kv_heads = 65536, .n_q_heads = 65536, .head_dim = 8, .budget = 1}) >
+          (std::size_t{1} << 40));
+}

@@ -1,7 +1,7 @@
 // CudaBackend against the CPU backend on the same inputs (llama.cpp's test-backend-ops pattern): every policy x
 // every storage type, one translation unit per storage type (test_cuda_backend.cu: float, test_cuda_half.cu,
 // test_cuda_bf16.cu), all linked into test_cuda_backend, which also checks that the headers link from several
-// .cu files. Without a GPU each case WARNs and returns (the no-device error is checked instead).
+// .cu files. Without a GPU each case that needs one reports *skipped* (the no-device error is checked instead).
 //
 // The policies come from the registry: every registered policy runs with the registry's parameters on a default
 // shape, and kCases adds parameter variants and shapes (policy names and settings as text, params.hpp), so a new
@@ -19,7 +19,10 @@
 
 #include <kvtrim/cuda/cuda_backend.cuh>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <set>
 #include <string>
 
@@ -27,10 +30,13 @@
 
 namespace kvtest {
 
+// Without a device, a test case that needs one ends the process with status 77, which ctest reports as
+// *skipped* (SKIP_RETURN_CODE in cuda/tests/CMakeLists.txt; ctest runs every test case in a process of its own).
+inline constexpr int kSkipped = 77;
 inline bool have_gpu() {
   if (kvtrim::gpu::device_count() > 0) return true;
-  WARN("no CUDA device (cudaGetDeviceCount reports none): GPU comparison skipped");
-  return false;
+  std::fprintf(stderr, "no CUDA device (cudaGetDeviceCount reports none): GPU test skipped\n");
+  std::exit(kSkipped);
 }
 
 template <class T>
@@ -73,7 +79,9 @@ void compare_with_cpu(const typename P::Params& params, const kvtrim::CacheConfi
                       bool exact_positions) {
   if (!have_gpu()) return;
   kvtrim::KVCache<P> cpu(cfg, params);
-  kvtrim::KVCache<P, kvtrim::CudaBackend<T>> gpu(cfg, params);
+  auto gcfg = cfg;
+  gcfg.chunk_capacity = 2;  // chunks of 3: the CUDA backend allocates their slots up front
+  kvtrim::KVCache<P, kvtrim::CudaBackend<T>> gpu(gcfg, params);
   kvtest::Tokens tok(cfg, total, 21);
   Nmse nmse;
   double agree = 0;
@@ -102,15 +110,73 @@ void compare_with_cpu(const typename P::Params& params, const kvtrim::CacheConfi
     }
     compare_positions();
   }
+  // After the prompt, the entries take turns: decode, a chunk of 3 (append), 3 speculative drafts (verify) of
+  // which 1 is accepted, and a decide-only step (insert, attention over view(), observe).
   const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
-  std::vector<float> a(qw), b(qw);
-  for (int t = prompt; t < total; ++t) {
+  const int g = cfg.group_size(), d = cfg.head_dim;
+  constexpr bool kDecideOnly = !kvtrim::Entry<P>::kNeedsBasis;  // not with low-rank storage
+  for (int t = prompt, step = 0; t < total; ++step) {
+    const int kind = step % 4;
+    const int n = kind == 1 || kind == 2 ? std::min(3, total - t) : 1;
+    const auto rows = [&](const std::vector<std::vector<float>>& x, int n) { return kvtest::Tokens::rows(x, t, t + n); };
+    std::vector<float> a(n * qw), b(n * qw);
     for (int l = 0; l < cfg.n_layers; ++l) {
-      gpu.decode(l, tok.q[t], tok.k[t], tok.v[t], a);
-      cpu.decode(l, tok.q[t], tok.k[t], tok.v[t], b);
+      if (kind == 1) {
+        gpu.append(l, rows(tok.q, n), rows(tok.k, n), rows(tok.v, n), a);
+        cpu.append(l, rows(tok.q, n), rows(tok.k, n), rows(tok.v, n), b);
+      } else if (kind == 2) {
+        gpu.verify(l, rows(tok.q, n), rows(tok.k, n), rows(tok.v, n), a);
+        cpu.verify(l, rows(tok.q, n), rows(tok.k, n), rows(tok.v, n), b);
+        nmse.add(a, b);
+        a.resize(qw), b.resize(qw);
+        gpu.append(l, rows(tok.q, 1), rows(tok.k, 1), rows(tok.v, 1), a);
+        cpu.append(l, rows(tok.q, 1), rows(tok.k, 1), rows(tok.v, 1), b);
+      } else if (kind == 3 && kDecideOnly && exact_positions) {
+        if constexpr (kDecideOnly) {
+          gpu.insert(l, tok.q[t], tok.k[t], tok.v[t]);
+          cpu.insert(l, tok.q[t], tok.k[t], tok.v[t]);
+          // the engine's attention over the CPU view in double; the GPU gets the same numbers in its slot order
+          const int stride = cpu.max_slots(l);
+          REQUIRE(gpu.max_slots(l) == stride);
+          std::vector<float> pc(static_cast<std::size_t>(cfg.n_q_heads) * stride), pg(pc.size());
+          for (int h = 0; h < cfg.n_kv_heads; ++h) {
+            const auto vc = cpu.view(l, h);
+            const auto vg = gpu.view(l, h);
+            REQUIRE(vc.size == vg.size);
+            const auto* keys = static_cast<const float*>(vc.keys);
+            for (int r = 0; r < g; ++r) {
+              const float* q = tok.q[t].data() + static_cast<std::size_t>(h * g + r) * d;
+              std::vector<double> s(static_cast<std::size_t>(vc.size));
+              double m = -INFINITY, z = 0;
+              for (int j = 0; j < vc.size; ++j) {
+                double dot = 0;
+                for (int e = 0; e < d; ++e) dot += double(q[e]) * keys[static_cast<std::size_t>(j) * vc.key_dim + e];
+                m = std::max(m, s[static_cast<std::size_t>(j)] = dot / std::sqrt(double(d)));
+              }
+              for (auto& e : s) z += (e = std::exp(e - m));
+              float* rc = pc.data() + static_cast<std::size_t>(h * g + r) * stride;
+              for (int j = 0; j < vc.size; ++j) rc[j] = static_cast<float>(s[static_cast<std::size_t>(j)] / z);
+              float* rg = pg.data() + static_cast<std::size_t>(h * g + r) * stride;
+              for (int j = 0; j < vg.size; ++j) {
+                const auto at = std::find(vc.positions, vc.positions + vc.size, vg.positions[j]);
+                REQUIRE(at != vc.positions + vc.size);
+                rg[j] = rc[at - vc.positions];
+              }
+            }
+          }
+          gpu.observe(l, pg, stride);
+          cpu.observe(l, pc, stride);
+          continue;  // the engine's outputs are its own
+        }
+      } else {
+        a.resize(qw), b.resize(qw);
+        gpu.decode(l, tok.q[t], tok.k[t], tok.v[t], a);
+        cpu.decode(l, tok.q[t], tok.k[t], tok.v[t], b);
+      }
       nmse.add(a, b);
     }
     compare_positions();
+    t += kind == 2 ? 1 : n;
   }
   if (exact_positions) {
     REQUIRE(gpu.evictions() == cpu.evictions());

@@ -59,6 +59,14 @@ TEST_CASE("CudaBackend accepts device pointers and an explicit stream", "[cuda][
     REQUIRE(a == b);  // same kernels, same inputs: bit-identical
   }
   REQUIRE(dev.positions(0, 0) == host.positions(0, 0));
+  SECTION("device inputs with check_finite on are refused, not read on the host") {
+    auto checked = cfg;
+    checked.check_finite = true;
+    kvtrim::KVCache<Streaming, kvtrim::CudaBackend<__half>> strict(checked, {.sinks = 2});
+    REQUIRE_THROWS_WITH(strict.decode(0, {q, qw}, {k, kw}, {v, kw}, {o, qw}),
+                        Catch::Matchers::Contains("set check_finite = false"));
+    REQUIRE(strict.size(0, 0) == 0);
+  }
   SECTION("mixing host and device buffers is refused") {
     REQUIRE_THROWS_WITH(dev.decode(0, {q, qw}, tok.k[0], {v, kw}, {o, qw}),
                         Catch::Matchers::Contains("host memory or all in device memory"));

@@ -18,6 +18,7 @@
 #include <vector>
 
 #include "config.hpp"
+#include "cpu_backend.hpp"  // make_cache() builds CPU caches unless told otherwise
 #include "kv_cache.hpp"
 #include "registry.hpp"
 
@@ -36,6 +37,10 @@ class AnyCache {
                        std::span<float> out) = 0;
   virtual void decode(int layer, std::span<const float> q, std::span<const float> k, std::span<const float> v,
                       std::span<float> out, std::int64_t position = kNextPosition) = 0;
+  virtual void append(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
+                      std::span<float> out) = 0;
+  virtual void verify(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
+                      std::span<float> out) = 0;
   virtual void reset() = 0;
 
   virtual int size(int layer, int kv_head) const = 0;
@@ -64,6 +69,14 @@ class AnyCacheOf final : public AnyCache {
   void decode(int layer, std::span<const float> q, std::span<const float> k, std::span<const float> v,
               std::span<float> out, std::int64_t position) override {
     cache_.decode(layer, q, k, v, out, position);
+  }
+  void append(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
+              std::span<float> out) override {
+    cache_.append(layer, Q, K, V, out);
+  }
+  void verify(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
+              std::span<float> out) override {
+    cache_.verify(layer, Q, K, V, out);
   }
   void reset() override { cache_.reset(); }
 

@@ -39,6 +39,7 @@
 #include <string_view>
 #include <vector>
 
+#include "checked_file.hpp"
 #include "config.hpp"
 #include "error.hpp"
 
@@ -151,12 +152,12 @@ class BudgetPlan {
     std::vector<unsigned char> b(kHeader + 4 * budgets_.size() + 8);
     std::size_t at = 0;
     for (unsigned char c : kMagic) b[at++] = c;
-    put_u32(b, at, kVersion);
-    put_u32(b, at, static_cast<std::uint32_t>(L_));
-    put_u32(b, at, static_cast<std::uint32_t>(H_));
-    for (int x : budgets_) put_u32(b, at, static_cast<std::uint32_t>(x));
-    const std::uint64_t hash = hash_bytes(b.data(), at);
-    for (int i = 0; i < 8; ++i) b[at++] = static_cast<unsigned char>(hash >> (8 * i));
+    bytes::put_u32(b, at, kVersion);
+    bytes::put_u32(b, at, static_cast<std::uint32_t>(L_));
+    bytes::put_u32(b, at, static_cast<std::uint32_t>(H_));
+    for (int x : budgets_) bytes::put_u32(b, at, static_cast<std::uint32_t>(x));
+    const std::uint64_t hash = bytes::fnv1a64(b.data(), at);
+    bytes::put_u64(b, at, hash);
     return b;
   }
 
@@ -166,11 +167,11 @@ class BudgetPlan {
     KVTRIM_CHECK(std::equal(kMagic.begin(), kMagic.end(), b.begin()),
                  "BudgetPlan: bad magic; expected \"KVTPLAN\\0\" (not a kvtrim budget plan)");
     std::size_t at = kMagic.size();
-    const std::uint32_t version = get_u32(b, at);
+    const std::uint32_t version = bytes::get_u32(b, at);
     KVTRIM_CHECK(version == kVersion, "BudgetPlan: format version ", version, " is not supported (expected ", kVersion,
                  ")");
-    const auto L = static_cast<std::int32_t>(get_u32(b, at));
-    const auto H = static_cast<std::int32_t>(get_u32(b, at));
+    const auto L = static_cast<std::int32_t>(bytes::get_u32(b, at));
+    const auto H = static_cast<std::int32_t>(bytes::get_u32(b, at));
     KVTRIM_CHECK(L >= 1 && L <= 1 << 16, "BudgetPlan: n_layers ", L, " out of range 1..65536");
     KVTRIM_CHECK(H >= 1 && H <= 1 << 16, "BudgetPlan: n_kv_heads ", H, " out of range 1..65536");
     const std::uint64_t heads = static_cast<std::uint64_t>(L) * static_cast<std::uint64_t>(H);
@@ -178,12 +179,12 @@ class BudgetPlan {
     KVTRIM_CHECK(b.size() == want, "BudgetPlan: data has ", b.size(), " bytes but its header (", L, " layers x ", H,
                  " KV heads) implies ", want, b.size() < want ? " (truncated)" : " (trailing bytes)");
     std::size_t tail = b.size() - 8;
-    const std::uint64_t stored = get_u64(b, tail);
-    KVTRIM_CHECK(stored == hash_bytes(b.data(), b.size() - 8),
+    const std::uint64_t stored = bytes::get_u64(b, tail);
+    KVTRIM_CHECK(stored == bytes::fnv1a64(b.data(), b.size() - 8),
                  "BudgetPlan: checksum mismatch (the data is corrupt or was modified)");
     std::vector<int> budgets(static_cast<std::size_t>(heads));
     for (std::size_t i = 0; i < budgets.size(); ++i) {
-      const auto x = static_cast<std::int32_t>(get_u32(b, at));
+      const auto x = static_cast<std::int32_t>(bytes::get_u32(b, at));
       KVTRIM_CHECK(x >= 1 && x <= kMaxBudget, "BudgetPlan: budget of layer ", i / static_cast<std::size_t>(H),
                    " KV head ", i % static_cast<std::size_t>(H), " is ", x, "; expected 1..", kMaxBudget);
       budgets[i] = x;
@@ -191,25 +192,9 @@ class BudgetPlan {
     return BudgetPlan(L, H, std::move(budgets));
   }
 
-  void save(const std::string& path) const {
-    const auto bytes = to_bytes();
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    KVTRIM_CHECK(f.good(), "BudgetPlan::save: cannot open '", path, "' for writing");
-    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    f.flush();
-    KVTRIM_CHECK(f.good(), "BudgetPlan::save: writing '", path, "' failed");
-  }
-
+  void save(const std::string& path) const { bytes::write_file(path, to_bytes(), "BudgetPlan::save"); }
   static BudgetPlan load(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    KVTRIM_CHECK(f.good(), "BudgetPlan::load: cannot open '", path, "'");
-    std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    KVTRIM_CHECK(!f.bad(), "BudgetPlan::load: reading '", path, "' failed");
-    try {
-      return from_bytes(bytes);
-    } catch (const Error& e) {
-      detail::throw_error("BudgetPlan::load('", path, "'): ", std::string_view(e.what()).substr(8));
-    }
+    return bytes::read_file(path, "BudgetPlan::load", [](std::span<const unsigned char> b) { return from_bytes(b); });
   }
 
  private:
@@ -217,26 +202,6 @@ class BudgetPlan {
   static constexpr std::uint32_t kVersion = 1;
   static constexpr std::size_t kHeader = 8 + 3 * 4;
 
-  static void put_u32(std::vector<unsigned char>& b, std::size_t& at, std::uint32_t x) {
-    for (int i = 0; i < 4; ++i) b[at++] = static_cast<unsigned char>(x >> (8 * i));
-  }
-  static std::uint32_t get_u32(std::span<const unsigned char> b, std::size_t& at) {
-    std::uint32_t x = 0;
-    for (int i = 0; i < 4; ++i) x |= static_cast<std::uint32_t>(b[at + i]) << (8 * i);
-    at += 4;
-    return x;
-  }
-  static std::uint64_t get_u64(std::span<const unsigned char> b, std::size_t& at) {
-    std::uint64_t x = 0;
-    for (int i = 0; i < 8; ++i) x |= static_cast<std::uint64_t>(b[at + i]) << (8 * i);
-    at += 8;
-    return x;
-  }
-  static std::uint64_t hash_bytes(const unsigned char* p, std::size_t n) {
-    std::uint64_t h = 14695981039346656037ull;  // FNV-1a 64
-    for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 1099511628211ull;
-    return h;
-  }
 
   int L_ = 0, H_ = 0;
   std::vector<int> budgets_;

@@ -24,6 +24,10 @@ struct CacheConfig {
   // Threads that process the KV heads of a call in parallel (CPU backend); results are identical for any
   // value. 1 (default): the calling thread only.
   int threads = 1;
+  // Slots beyond budget + 1 that each head reserves for append()/verify() chunks of more than one token. The
+  // CPU backend grows a head on demand instead (and gives the memory back after the chunk); the CUDA backend
+  // allocates once, so it accepts chunks of at most 1 + chunk_capacity tokens.
+  int chunk_capacity = 0;
 
   int group_size() const { return n_q_heads / n_kv_heads; }
 
@@ -45,6 +49,8 @@ struct CacheConfig {
                  "CacheConfig: n_layers (", n_layers, "), n_q_heads (", n_q_heads, ") and head_dim (", head_dim,
                  ") must each be <= ", kMaxCount);
     KVTRIM_CHECK(threads >= 1, "CacheConfig.threads must be >= 1 (1 = the calling thread only), got ", threads);
+    KVTRIM_CHECK(chunk_capacity >= 0 && chunk_capacity <= kMaxBudget, "CacheConfig.chunk_capacity must be in 0..",
+                 kMaxBudget, ", got ", chunk_capacity);
     if (head_budgets.empty()) {
       KVTRIM_CHECK(budget > 0 && budget <= kMaxBudget, "CacheConfig.budget must be in 1..", kMaxBudget,
                    " tokens, got ", budget);

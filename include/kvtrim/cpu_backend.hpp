@@ -26,6 +26,7 @@
 #include "error.hpp"
 #include "head_pool.hpp"
 #include "head_store.hpp"
+#include "memory.hpp"
 #include "policy.hpp"
 #include "simhash.hpp"
 
@@ -63,7 +64,52 @@ class CpuBackend::Impl {
   static constexpr bool kStructured = rules::structured<P>();
   static constexpr bool kHostPrompt = rules::host_prompt<P>();
 
+  // What a cache of this configuration reserves: every head's slots at budget + 1 (keys, values, positions,
+  // metadata, key norms for merging policies), the per-head state and the per-thread scratch.
+  static ByteCount bytes_required(const CacheConfig& cfg, const typename P::Params& params) {
+    const auto size = [](std::size_t bytes) { return static_cast<double>(bytes); };
+    const int L = cfg.n_layers, H = cfg.n_kv_heads, g = cfg.group_size();
+    const double heads = static_cast<double>(L) * H;
+    const double per_slot = size(sizeof(std::int64_t) + sizeof(Meta) + (kMerges ? sizeof(float) : 0));
+    ByteCount b;
+    double slots = 0, max_budget = 0;  // over every head
+    if (cfg.head_budgets.empty()) {
+      slots = heads * (cfg.budget + 1.0);
+      max_budget = cfg.budget;
+    } else {
+      for (int x : cfg.head_budgets) slots += x + 1.0, max_budget = std::max(max_budget, static_cast<double>(x));
+    }
+    if constexpr (kProjects) {  // stored widths differ per head: ask the policy of each layer
+      for (int l = 0; l < L; ++l) {
+        LayerContext ctx{l, L, H, g, cfg.head_dim, {}};
+        for (int h = 0; h < H; ++h) ctx.budgets.push_back(cfg.budget_of(l, h));
+        const P pol(params, ctx);
+        for (int h = 0; h < H; ++h)
+          b.add(cfg.budget_of(l, h) + 1.0, size(sizeof(float)) * (pol.key_width(h) + pol.value_width(h)));
+      }
+    } else {
+      (void)params;
+      b.add(slots, size(2 * sizeof(float)) * cfg.head_dim);
+    }
+    b.add(slots, per_slot);
+    b.add(heads, size(sizeof(Head) + 2 * sizeof(State) + 2 * sizeof(int)));
+    // per thread: probabilities [g x (budget + 1)] and the selection scratch
+    const double threads = std::min(cfg.threads, H);
+    const double scratch = g * size(sizeof(float)) + size(4 * sizeof(float) + 2 * sizeof(int) + sizeof(Meta) +
+                                                          sizeof(std::uint64_t));
+    b.add(threads, (max_budget + 1) * scratch);
+    return b;
+  }
+
   Impl(const CacheConfig& cfg, const typename P::Params& params) : cfg_(cfg) {
+    const ByteCount need = bytes_required(cfg, params);
+    detail::require_bytes(need, physical_memory(), P::kName.data(), "this machine");
+    detail::allocate_or_throw(need, "CpuBackend", [&] { build(params); });
+  }
+
+ private:
+  void build(const typename P::Params& params) {
+    const CacheConfig& cfg = cfg_;
     const int L = cfg.n_layers, H = cfg.n_kv_heads, d = cfg.head_dim, g = cfg.group_size();
     policies_.reserve(static_cast<std::size_t>(L));
     int max_budget = 0;
@@ -74,7 +120,7 @@ class CpuBackend::Impl {
       const P& pol = policies_.back();
       for (int h = 0; h < H; ++h) {
         const int budget = cfg.budget_of(l, h);
-        heads_.emplace_back(key_width(pol, h), value_width(pol, h), budget);
+        heads_.emplace_back(key_width(cfg, pol, h), value_width(cfg, pol, h), budget);
         const int limit = rules::keep_limit(pol, budget), plimit = rules::prompt_limit(pol, budget);
         KVTRIM_CHECK(limit >= 1 && limit <= budget && plimit >= 1 && plimit <= budget, P::kName, " keeps ", limit,
                      " tokens after a decode step and ", plimit, " after a prompt in layer ", l, " KV head ", h,
@@ -93,25 +139,19 @@ class CpuBackend::Impl {
     }
     // A pool only when there is more than one head to share out; threads beyond the heads would idle.
     const int threads = std::min(cfg.threads, H);
+    max_budget_ = max_budget;
     scratch_.resize(static_cast<std::size_t>(threads));
-    for (auto& s : scratch_) {
-      s.probs.resize(static_cast<std::size_t>(g) * (max_budget + 1));
-      s.select.reserve(max_budget + 1);
-      if constexpr (kProjects) {
-        s.q_low.resize(static_cast<std::size_t>(g) * d);
-        s.kv_low.resize(2 * static_cast<std::size_t>(d));
-        s.o_low.resize(static_cast<std::size_t>(g) * d);
-      }
-      if constexpr (kHash) s.q_codes.resize(static_cast<std::size_t>(g));
-    }
+    for (auto& s : scratch_) s = make_scratch();
     errors_.resize(static_cast<std::size_t>(H));
     if (threads > 1) pool_ = std::make_unique<detail::HeadPool>(threads);
   }
+
+ public:
   // Copies get their own worker threads (a pool is never shared).
   Impl(const Impl& o)
       : cfg_(o.cfg_), policies_(o.policies_), heads_(o.heads_), initial_(o.initial_), states_(o.states_),
         initial_limits_(o.initial_limits_), limits_(o.limits_), projections_(o.projections_), norms_(o.norms_),
-        scratch_(o.scratch_), errors_(o.errors_.size()),
+        max_budget_(o.max_budget_), scratch_(o.scratch_), errors_(o.errors_.size()),
         pool_(o.pool_ ? std::make_unique<detail::HeadPool>(o.pool_->threads()) : nullptr) {}
   Impl& operator=(const Impl& o) {
     if (this != &o) {
@@ -143,9 +183,47 @@ class CpuBackend::Impl {
     limits_ = initial_limits_;
   }
 
+  // The working memory of one thread for decode steps (decode allocates nothing once it exists).
+  struct Scratch {
+    std::vector<float> probs;                 // [group x (max budget + 1)] attention probabilities
+    std::vector<float> q_low, kv_low, o_low;  // projected q, k|v and output (low-rank storage only)
+    std::vector<std::uint64_t> q_codes;       // the step's query codes (SimHash policies)
+    cpu::SelectScratch<Meta> select;
+  };
+  Scratch make_scratch() const {
+    const int d = cfg_.head_dim, g = cfg_.group_size();
+    Scratch s;
+    s.probs.resize(static_cast<std::size_t>(g) * (max_budget_ + 1));
+    s.select.reserve(max_budget_ + 1);
+    if constexpr (kProjects) {
+      s.q_low.resize(static_cast<std::size_t>(g) * d);
+      s.kv_low.resize(2 * static_cast<std::size_t>(d));
+      s.o_low.resize(static_cast<std::size_t>(g) * d);
+    }
+    if constexpr (kHash) s.q_codes.resize(static_cast<std::size_t>(g));
+    return s;
+  }
+
   // q: [n_q_heads * d], k, v: [n_kv_heads * d], out: [n_q_heads * d].
   void decode(int layer, const float* q, const float* k, const float* v, float* out, std::int64_t pos) {
     run_heads([&](int kv, Scratch& s) { decode_head(layer, kv, q, k, v, out, pos, s); });
+  }
+
+  // One KV head of a decode step with the caller's scratch (KVBatch spreads the heads of many caches over one
+  // pool); the caller has checked the inputs and advances the position.
+  void decode_one_head(int layer, int kv, const float* q, const float* k, const float* v, float* out,
+                       std::int64_t pos, Scratch& s) {
+    decode_head(layer, kv, q, k, v, out, pos, s);
+  }
+
+  // T tokens after the ones held (KVCache::append states the rule): every chunk token joins and attends
+  // causally, with the policy's decode bookkeeping, and the eviction comes once, after the chunk.
+  void append(int layer, const float* Q, const float* K, const float* V, float* out, int T, std::int64_t first_pos) {
+    run_heads([&](int kv, Scratch& s) { chunk_head(layer, kv, Q, K, V, out, T, first_pos, s, /*keep=*/true); });
+  }
+  // The outputs append() would write; the head's slots are restored afterwards and no policy code runs.
+  void verify(int layer, const float* Q, const float* K, const float* V, float* out, int T, std::int64_t first_pos) {
+    run_heads([&](int kv, Scratch& s) { chunk_head(layer, kv, Q, K, V, out, T, first_pos, s, /*keep=*/false); });
   }
 
   // Q: [T x n_q_heads*d], K, V: [T x n_kv_heads*d], out: [T x n_q_heads*d], all row-major; positions start at
@@ -159,13 +237,36 @@ class CpuBackend::Impl {
     });
   }
 
+  // Decide-only steps (KVCache::insert / observe): the new token joins (and a policy that evicts before attention
+  // evicts), the engine attends over the kept rows itself, then hands the probabilities back.
+  void insert_step(int layer, const float* q, const float* k, const float* v, std::int64_t pos) {
+    run_heads([&](int kv, Scratch& s) {
+      const int d = cfg_.head_dim, g = cfg_.group_size();
+      const std::size_t i = index(layer, kv);
+      const float* kh = k + static_cast<std::size_t>(kv) * d;
+      insert(i, kh, v + static_cast<std::size_t>(kv) * d, pos,
+             token_inputs(layer, kh, d, q + static_cast<std::size_t>(kv) * g * d, false, s));
+      if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(layer, kv, s);
+    });
+  }
+  // probs: [n_q_heads x stride], query head h's probabilities over its KV head's slots in slot order.
+  void observe_step(int layer, const float* probs, int stride) {
+    run_heads([&](int kv, Scratch& s) {
+      const int g = cfg_.group_size();
+      const std::size_t i = index(layer, kv);
+      Head& h = heads_[i];
+      if constexpr (kAttention) {
+        float* p = s.probs.data();  // the head's rows, packed
+        for (int r = 0; r < g; ++r)
+          std::copy_n(probs + static_cast<std::size_t>(kv * g + r) * stride, h.size(),
+                      p + static_cast<std::size_t>(r) * h.size());
+        cpu::observe<P>(h.meta_data(), h.size(), states_[i], p, g, s.select);
+      }
+      if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(layer, kv, s);
+    });
+  }
+
  private:
-  struct Scratch {  // one per thread
-    std::vector<float> probs;                 // [group x (max budget + 1)] attention probabilities
-    std::vector<float> q_low, kv_low, o_low;  // projected q, k|v and output (low-rank storage only)
-    std::vector<std::uint64_t> q_codes;       // the step's query codes (SimHash policies)
-    cpu::SelectScratch<Meta> select;
-  };
   struct PrefillScratch {  // one per thread: one head's prompt in the stored space, the score block, the sums
     RowMajorMatrixXf S, Kh, Vh, Qg, Oh;
     std::vector<float> col, win, vote;
@@ -264,6 +365,54 @@ class CpuBackend::Impl {
                  " over its budget of ", h.budget());
   }
 
+  // One head's chunk for append (keep: the policy's bookkeeping, then eviction) or verify (the rows leave again).
+  void chunk_head(int layer, int kv, const float* Q, const float* K, const float* V, float* out, int T,
+                  std::int64_t first_pos, Scratch& s, bool keep) {
+    const int d = cfg_.head_dim, g = cfg_.group_size(), Hq = cfg_.n_q_heads, H = cfg_.n_kv_heads;
+    const std::size_t i = index(layer, kv);
+    P& pol = policy(layer);
+    Head& h = heads_[i];
+    const int n0 = h.size();
+    const std::int64_t newest0 = h.newest_pos();
+    h.reserve(n0 + T);
+    if constexpr (kMerges) norms_[i].resize(static_cast<std::size_t>(h.capacity()));
+    if (s.probs.size() < static_cast<std::size_t>(g) * (n0 + T)) s.probs.resize(static_cast<std::size_t>(g) * (n0 + T));
+    for (int t = 0; t < T; ++t) {
+      const float* qg = Q + (static_cast<std::size_t>(t) * Hq + static_cast<std::size_t>(kv) * g) * d;
+      const float* kh = K + (static_cast<std::size_t>(t) * H + kv) * d;
+      const float* vh = V + (static_cast<std::size_t>(t) * H + kv) * d;
+      float* oh = out + (static_cast<std::size_t>(t) * Hq + static_cast<std::size_t>(kv) * g) * d;
+      if constexpr (kProjects) {
+        pol.project_queries(kv, g, qg, s.q_low.data());
+        pol.project_key(kv, kh, s.kv_low.data());
+        pol.project_value(kv, vh, s.kv_low.data() + d);
+        qg = s.q_low.data();
+        kh = s.kv_low.data();
+        vh = s.kv_low.data() + d;
+      }
+      if (keep)
+        insert(i, kh, vh, first_pos + t, token_inputs(layer, kh, h.key_dim(), qg, false, s));
+      else
+        h.append(kh, vh, first_pos + t);
+      const int n = h.size();
+      float* o = kProjects ? s.o_low.data() : oh;
+      detail::attend(h.key_ptr(0), h.value_ptr(0), n, h.key_dim(), h.value_dim(), qg, g,
+                     1.0f / std::sqrt(static_cast<float>(d)), s.probs.data(), o);
+      if constexpr (kProjects) pol.unproject_outputs(kv, g, s.o_low.data(), oh);
+      if constexpr (kAttention)
+        if (keep) cpu::observe<P>(h.meta_data(), n, states_[i], s.probs.data(), g, s.select);
+    }
+    if (keep) {
+      evict(layer, kv, s);
+      KVTRIM_CHECK(h.size() <= h.budget(), P::kName, " left ", h.size(), " tokens in layer ", layer, " KV head ", kv,
+                   " over its budget of ", h.budget());
+    } else {
+      h.truncate(n0, newest0);
+    }
+    h.shrink_to_budget();
+    if constexpr (kMerges) norms_[i].resize(static_cast<std::size_t>(h.capacity()));
+  }
+
   void prefill_head(int layer, int kv, const float* Q, const float* K, const float* V, float* out, int T,
                     std::int64_t first_pos, PrefillScratch& w, Scratch& s) {
     const int g = cfg_.group_size();
@@ -304,7 +453,7 @@ class CpuBackend::Impl {
   void load_prompt(const P& pol, int kv, const float* Q, const float* K, const float* V, int T,
                    PrefillScratch& s) const {
     const int H = cfg_.n_kv_heads, d = cfg_.head_dim, g = cfg_.group_size(), Hq = cfg_.n_q_heads;
-    const int dk = key_width(pol, kv), dv = value_width(pol, kv);
+    const int dk = key_width(cfg_, pol, kv), dv = value_width(cfg_, pol, kv);
     Strided Kin(K + static_cast<std::size_t>(kv) * d, T, d, Eigen::OuterStride<>(H * d));
     Strided Vin(V + static_cast<std::size_t>(kv) * d, T, d, Eigen::OuterStride<>(H * d));
     Strided Qin(Q + static_cast<std::size_t>(kv) * g * d, T, static_cast<Eigen::Index>(g) * d,
@@ -371,13 +520,13 @@ class CpuBackend::Impl {
   using Strided = Eigen::Map<const RowMajorMatrixXf, 0, Eigen::OuterStride<>>;
   using StridedOut = Eigen::Map<RowMajorMatrixXf, 0, Eigen::OuterStride<>>;
 
-  int key_width(const P& p, int kv) const {
+  static int key_width(const CacheConfig& cfg, const P& p, int kv) {
     if constexpr (kProjects) return p.key_width(kv);
-    return cfg_.head_dim;
+    return cfg.head_dim;
   }
-  int value_width(const P& p, int kv) const {
+  static int value_width(const CacheConfig& cfg, const P& p, int kv) {
     if constexpr (kProjects) return p.value_width(kv);
-    return cfg_.head_dim;
+    return cfg.head_dim;
   }
   std::size_t index(int layer, int kv) const { return static_cast<std::size_t>(layer) * cfg_.n_kv_heads + kv; }
 
@@ -388,6 +537,7 @@ class CpuBackend::Impl {
   std::vector<int> initial_limits_, limits_;
   std::vector<SimHashProjection> projections_;  // per layer (SimHash policies)
   std::vector<std::vector<float>> norms_;       // per head, per slot key norms (merging policies)
+  int max_budget_ = 0;
   std::vector<Scratch> scratch_;                // one per thread
   std::vector<std::exception_ptr> errors_;      // per KV head, from worker threads
   std::unique_ptr<detail::HeadPool> pool_;      // null with one thread

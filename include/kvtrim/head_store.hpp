@@ -60,6 +60,8 @@ class HeadStore {
   Row value(int i) { return Row(value_ptr(i), dv_); }
   ConstRow value(int i) const { return ConstRow(value_ptr(i), dv_); }
   ConstKeyRows keys() const { return ConstKeyRows(keys_.data(), n_, dk_); }
+  const float* key_data() const { return keys_.data(); }
+  const float* value_data() const { return values_.data(); }
   ConstKeyRows values() const { return ConstKeyRows(values_.data(), n_, dv_); }
   std::span<const std::int64_t> positions() const { return {pos_.data(), static_cast<std::size_t>(n_)}; }
 
@@ -134,6 +136,14 @@ class HeadStore {
     values_.shrink_to_fit();
     pos_.shrink_to_fit();
     meta_.shrink_to_fit();
+  }
+
+  // Drops the slots from n on as if they had never been appended (no eviction counted) and restores the newest
+  // position: what a speculative verify appended for attention leaves no trace.
+  void truncate(int n, std::int64_t newest) {
+    KVTRIM_CHECK(n >= 0 && n <= n_, "internal: truncate to ", n, " of ", n_, " slots");
+    n_ = n;
+    newest_ = newest;
   }
 
   void clear() {

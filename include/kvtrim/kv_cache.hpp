@@ -20,6 +20,8 @@
 namespace kvtrim {
 
 struct CpuBackend;  // cpu_backend.hpp; any backend with the same Impl interface works (the CUDA one, for instance)
+template <class P, class Backend>
+class KVBatch;  // batch.hpp
 
 // decode() without an explicit position takes the next one after the layer's last token.
 inline constexpr std::int64_t kNextPosition = -1;
@@ -37,7 +39,15 @@ class KVCache {
   explicit KVCache(CacheConfig cfg, Params params = {})
       : cfg_((cfg.validate(), std::move(cfg))),
         impl_(cfg_, params),
-        next_pos_(static_cast<std::size_t>(cfg_.n_layers), 0) {}
+        next_pos_(static_cast<std::size_t>(cfg_.n_layers), 0),
+        pending_(static_cast<std::size_t>(cfg_.n_layers), 0) {}
+
+  // Bytes a cache of this configuration reserves, computed without allocating it (the parameters are validated:
+  // kvtrim::Error as from the constructor). The constructor refuses a configuration that cannot fit in memory.
+  static std::size_t bytes_required(const CacheConfig& cfg, const Params& params = {}) {
+    cfg.validate();
+    return Backend::template Impl<P>::bytes_required(cfg, params).value();
+  }
 
   const CacheConfig& config() const { return cfg_; }
   static constexpr std::string_view policy_name() { return P::kName; }
@@ -47,27 +57,39 @@ class KVCache {
   // [T x n_q_heads*head_dim], then the policy brings each KV head down to its budget.
   void prefill(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
                std::span<float> out) {
-    check_layer(layer, "prefill");
-    const std::size_t qw = static_cast<std::size_t>(cfg_.n_q_heads) * cfg_.head_dim;
-    const std::size_t kw = static_cast<std::size_t>(cfg_.n_kv_heads) * cfg_.head_dim;
-    KVTRIM_CHECK(!Q.empty() && Q.size() % qw == 0, "prefill: Q has ", Q.size(),
-                 " floats; expected a positive multiple of n_q_heads*head_dim = ", qw);
-    const std::size_t T = Q.size() / qw;
-    KVTRIM_CHECK(K.size() == T * kw, "prefill: K has ", K.size(), " floats; expected T*n_kv_heads*head_dim = ",
-                 T, "*", kw, " = ", T * kw);
-    KVTRIM_CHECK(V.size() == T * kw, "prefill: V has ", V.size(), " floats; expected T*n_kv_heads*head_dim = ",
-                 T * kw);
-    KVTRIM_CHECK(out.size() == T * qw, "prefill: out has ", out.size(), " floats; expected T*n_q_heads*head_dim = ",
-                 T * qw);
-    KVTRIM_CHECK(T <= static_cast<std::size_t>(INT32_MAX / 2), "prefill: prompt of ", T, " tokens is too long");
+    const int T = check_chunk("prefill", layer, Q, K, V, out);
     KVTRIM_CHECK(next_pos_[layer] == 0, "prefill: layer ", layer, " already holds ", next_pos_[layer],
-                 " tokens; prefill starts a sequence (call reset(), or feed further tokens through decode)");
-    check_capacity(layer, static_cast<int>(T), /*prefill=*/true);
-    check_finite(Q, "prefill", "Q");
-    check_finite(K, "prefill", "K");
-    check_finite(V, "prefill", "V");
-    impl_.prefill(layer, Q.data(), K.data(), V.data(), out.data(), static_cast<int>(T), 0);
-    next_pos_[layer] = static_cast<std::int64_t>(T);
+                 " tokens; prefill starts a sequence (call reset(), or feed further tokens through append or decode)");
+    check_capacity(layer, T, /*prefill=*/true);
+    impl_.prefill(layer, Q.data(), K.data(), V.data(), out.data(), T, 0);
+    next_pos_[layer] = T;
+  }
+
+  // T more tokens for one layer, after what it holds (chunked prefill, a new chat turn, accepted draft tokens),
+  // at the next T positions; same layouts as prefill. The rule: token t of the chunk attends causally to what the
+  // layer kept before the chunk plus chunk tokens 0..t (no eviction inside a chunk); every chunk token then goes
+  // through the policy's decode bookkeeping in order (on_insert, and on_attention with its own row of
+  // probabilities, which covers the chunk tokens before it), and at the end of the chunk the decode rule evicts
+  // until each head is within its limit. For T = 1 and a policy that evicts after attention this is decode().
+  // Memory: a head holds up to budget + T tokens while the chunk is processed.
+  void append(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
+              std::span<float> out) {
+    const int T = check_chunk("append", layer, Q, K, V, out);
+    check_positions("append", layer, T);
+    check_capacity(layer, T, /*prefill=*/false);
+    impl_.append(layer, Q.data(), K.data(), V.data(), out.data(), T, next_pos_[layer]);
+    next_pos_[layer] += T;
+  }
+
+  // Speculative decoding: the outputs append() would write for these T draft tokens, and nothing else: the cache
+  // does not change (kept tokens, metadata, policy state, counters, positions). Accept a prefix of n drafts by
+  // append()ing their rows: their outputs equal the ones returned here, and the rejected drafts leave no trace
+  // because they never entered.
+  void verify(int layer, std::span<const float> Q, std::span<const float> K, std::span<const float> V,
+              std::span<float> out) {
+    const int T = check_chunk("verify", layer, Q, K, V, out);
+    check_positions("verify", layer, T);
+    impl_.verify(layer, Q.data(), K.data(), V.data(), out.data(), T, next_pos_[layer]);
   }
 
   // One new token for one layer: q [n_q_heads*head_dim], k and v [n_kv_heads*head_dim]; writes attention
@@ -75,30 +97,75 @@ class KVCache {
   // [n_q_heads*head_dim]. `position` must increase from call to call (gaps allowed).
   void decode(int layer, std::span<const float> q, std::span<const float> k, std::span<const float> v,
               std::span<float> out, std::int64_t position = kNextPosition) {
-    check_layer(layer, "decode");
-    const std::size_t qw = static_cast<std::size_t>(cfg_.n_q_heads) * cfg_.head_dim;
-    const std::size_t kw = static_cast<std::size_t>(cfg_.n_kv_heads) * cfg_.head_dim;
-    KVTRIM_CHECK(q.size() == qw, "decode: q has ", q.size(), " floats; expected n_q_heads*head_dim = ", qw);
-    KVTRIM_CHECK(k.size() == kw, "decode: k has ", k.size(), " floats; expected n_kv_heads*head_dim = ", kw);
-    KVTRIM_CHECK(v.size() == kw, "decode: v has ", v.size(), " floats; expected n_kv_heads*head_dim = ", kw);
-    KVTRIM_CHECK(out.size() == qw, "decode: out has ", out.size(), " floats; expected n_q_heads*head_dim = ", qw);
-    const std::int64_t pos = position == kNextPosition ? next_pos_[layer] : position;
-    KVTRIM_CHECK(pos >= next_pos_[layer], "decode: position ", pos, " goes backwards; layer ", layer,
-                 " expects a position >= ", next_pos_[layer]);
-    KVTRIM_CHECK(pos < kMaxPosition, "decode: position ", pos, " is too large; positions must stay below ",
-                 kMaxPosition);
-    check_capacity(layer, 1, /*prefill=*/false);
-    check_finite(q, "decode", "q");
-    check_finite(k, "decode", "k");
-    check_finite(v, "decode", "v");
+    const std::int64_t pos = check_decode(layer, q, k, v, out, position);
     impl_.decode(layer, q.data(), k.data(), v.data(), out.data(), pos);
     next_pos_[layer] = pos + 1;
+  }
+
+  // Every check decode() makes, without changing anything; returns the position the token would take.
+  std::int64_t check_decode(int layer, std::span<const float> q, std::span<const float> k, std::span<const float> v,
+                            std::span<float> out, std::int64_t position = kNextPosition) const {
+    const std::int64_t pos = check_step("decode", layer, q, k, v, position);
+    const std::size_t qw = static_cast<std::size_t>(cfg_.n_q_heads) * cfg_.head_dim;
+    KVTRIM_CHECK(out.size() == qw, "decode: out has ", out.size(), " floats; expected n_q_heads*head_dim = ", qw);
+    return pos;
+  }
+
+  // ---- decide-only steps: the engine runs its own attention kernel over the kept rows -------------------
+  // insert(layer, q, k, v) makes a decode step's token join (checked like decode; a policy that evicts before
+  // attention evicts now); view(layer, kv_head) then shows the rows this step attends to; the engine computes
+  // attention itself and hands back what the policy needs with observe(layer, probs, stride): the probabilities
+  // of query head h over its KV head's slots, in slot order, at probs[h * stride + slot] (nothing is read for a
+  // policy that does not use attention: pass an empty span). observe() finishes the step (the policy's attention
+  // rule, then eviction after attention). Every insert() must be followed by the layer's observe() before the
+  // layer's next call. Not for low-rank storage (the engine would have to project its queries).
+  struct View {
+    const void* keys;                 // [size x key_dim] in the backend's storage type (host or device memory)
+    const void* values;               // [size x value_dim]
+    const std::int64_t* positions;    // [size], slots are unordered
+    int size, key_dim, value_dim;
+  };
+  void insert(int layer, std::span<const float> q, std::span<const float> k, std::span<const float> v,
+              std::int64_t position = kNextPosition) {
+    static_assert(!requires(const P& p) { p.key_width(0); },
+                  "kvtrim: insert/observe are not available with low-rank storage (queries would need projecting)");
+    check_layer(layer, "insert");
+    const std::int64_t pos = check_step("insert", layer, q, k, v, position);
+    impl_.insert_step(layer, q.data(), k.data(), v.data(), pos);
+    next_pos_[layer] = pos + 1;
+    pending_[layer] = 1;
+  }
+  View view(int layer, int kv_head) const {
+    const auto& h = head_checked(layer, kv_head);
+    return {h.key_data(), h.value_data(), h.positions().data(), h.size(), h.key_dim(), h.value_dim()};
+  }
+  // The stride observe() expects at least: the most slots any head of the layer can hold during a step.
+  int max_slots(int layer) const {
+    check_layer(layer, "max_slots");
+    int m = 0;
+    for (int h = 0; h < cfg_.n_kv_heads; ++h) m = std::max(m, impl_.head(layer, h).budget() + 1);
+    return m;
+  }
+  void observe(int layer, std::span<const float> probs, int stride) {
+    check_layer(layer, "observe");
+    KVTRIM_CHECK(pending_[layer], "observe: layer ", layer, " has no insert() to finish");
+    if constexpr (has(P::kSignals, Signals::kAttention)) {
+      KVTRIM_CHECK(stride >= max_slots(layer), "observe: stride ", stride, " is below max_slots(", layer, ") = ",
+                   max_slots(layer));
+      const std::size_t want = static_cast<std::size_t>(cfg_.n_q_heads) * stride;
+      KVTRIM_CHECK(probs.size() >= want, "observe: probs has ", probs.size(), " floats; expected n_q_heads * stride = ",
+                   want, " (", P::kName, " reads attention probabilities)");
+      check_finite(probs, "observe", "probs");
+    }
+    impl_.observe_step(layer, probs.data(), stride);
+    pending_[layer] = 0;
   }
 
   // Forget everything (a new sequence); budgets and policy parameters stay.
   void reset() {
     impl_.reset();
     std::fill(next_pos_.begin(), next_pos_.end(), 0);
+    std::fill(pending_.begin(), pending_.end(), 0);
   }
 
   // ---- introspection -------------------------------------------------------------------------------
@@ -130,6 +197,55 @@ class KVCache {
   }
 
  private:
+  // Shapes, position, capacity and values of one token (decode, insert); returns its position.
+  std::int64_t check_step(const char* op, int layer, std::span<const float> q, std::span<const float> k,
+                          std::span<const float> v, std::int64_t position) const {
+    check_layer(layer, op);
+    check_not_pending(op, layer);
+    const std::size_t qw = static_cast<std::size_t>(cfg_.n_q_heads) * cfg_.head_dim;
+    const std::size_t kw = static_cast<std::size_t>(cfg_.n_kv_heads) * cfg_.head_dim;
+    KVTRIM_CHECK(q.size() == qw, op, ": q has ", q.size(), " floats; expected n_q_heads*head_dim = ", qw);
+    KVTRIM_CHECK(k.size() == kw, op, ": k has ", k.size(), " floats; expected n_kv_heads*head_dim = ", kw);
+    KVTRIM_CHECK(v.size() == kw, op, ": v has ", v.size(), " floats; expected n_kv_heads*head_dim = ", kw);
+    const std::int64_t pos = position == kNextPosition ? next_pos_[layer] : position;
+    KVTRIM_CHECK(pos >= next_pos_[layer], op, ": position ", pos, " goes backwards; layer ", layer,
+                 " expects a position >= ", next_pos_[layer]);
+    KVTRIM_CHECK(pos < kMaxPosition, op, ": position ", pos, " is too large; positions must stay below ", kMaxPosition);
+    check_capacity(layer, 1, /*prefill=*/false);
+    check_finite(q, op, "q");
+    check_finite(k, op, "k");
+    check_finite(v, op, "v");
+    return pos;
+  }
+  void check_not_pending(const char* op, int layer) const {
+    KVTRIM_CHECK(!pending_[layer], op, ": layer ", layer, " has an insert() waiting for its observe()");
+  }
+  // Shapes and values of a chunk of T tokens (prefill, append, verify); returns T.
+  int check_chunk(const char* op, int layer, std::span<const float> Q, std::span<const float> K,
+                  std::span<const float> V, std::span<float> out) const {
+    check_layer(layer, op);
+    check_not_pending(op, layer);
+    const std::size_t qw = static_cast<std::size_t>(cfg_.n_q_heads) * cfg_.head_dim;
+    const std::size_t kw = static_cast<std::size_t>(cfg_.n_kv_heads) * cfg_.head_dim;
+    KVTRIM_CHECK(!Q.empty() && Q.size() % qw == 0, op, ": Q has ", Q.size(),
+                 " floats; expected a positive multiple of n_q_heads*head_dim = ", qw);
+    const std::size_t T = Q.size() / qw;
+    KVTRIM_CHECK(K.size() == T * kw, op, ": K has ", K.size(), " floats; expected T*n_kv_heads*head_dim = ", T, "*",
+                 kw, " = ", T * kw);
+    KVTRIM_CHECK(V.size() == T * kw, op, ": V has ", V.size(), " floats; expected T*n_kv_heads*head_dim = ", T * kw);
+    KVTRIM_CHECK(out.size() == T * qw, op, ": out has ", out.size(), " floats; expected T*n_q_heads*head_dim = ",
+                 T * qw);
+    KVTRIM_CHECK(T <= static_cast<std::size_t>(INT32_MAX / 2), op, ": ", T, " tokens are too many for one call");
+    check_finite(Q, op, "Q");
+    check_finite(K, op, "K");
+    check_finite(V, op, "V");
+    return static_cast<int>(T);
+  }
+  // The next T positions of a layer stay below kMaxPosition.
+  void check_positions(const char* op, int layer, int T) const {
+    KVTRIM_CHECK(next_pos_[layer] < kMaxPosition - T, op, ": positions ", next_pos_[layer], "..",
+                 next_pos_[layer] + T - 1, " reach the limit ", kMaxPosition);
+  }
   void check_layer(int layer, const char* what) const {
     KVTRIM_CHECK(layer >= 0 && layer < cfg_.n_layers, what, ": layer ", layer, " out of range 0..",
                  cfg_.n_layers - 1);
@@ -154,6 +270,10 @@ class KVCache {
   }
   void check_finite(std::span<const float> x, const char* op, const char* name) const {
     if (!cfg_.check_finite) return;
+    if constexpr (requires { impl_.is_device_memory(x.data()); })  // never read device memory on the host
+      KVTRIM_CHECK(!impl_.is_device_memory(x.data()), op, ": ", name,
+                   " is in device memory and CacheConfig::check_finite is on, which reads inputs on the host; "
+                   "check them on the device and set check_finite = false (the caller's promise that they are finite)");
     bool finite = true;
     for (float e : x) finite &= (e - e) == 0.0f;  // false for NaN and +-Inf; a branch-free pass the compiler vectorises
     if (finite) return;
@@ -169,9 +289,13 @@ class KVCache {
     return total;
   }
 
+  template <class, class>
+  friend class KVBatch;  // runs checked decode steps of many caches on one thread pool
+
   CacheConfig cfg_;
   typename Backend::template Impl<P> impl_;
   std::vector<std::int64_t> next_pos_;
+  std::vector<char> pending_;  // per layer: an insert() waits for its observe()
 };
 
 }  // namespace kvtrim

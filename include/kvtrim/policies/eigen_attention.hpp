@@ -92,6 +92,7 @@
 #include <utility>
 #include <vector>
 
+#include "../checked_file.hpp"
 #include "../config.hpp"
 #include "../error.hpp"
 #include "../macros.hpp"
@@ -226,21 +227,21 @@ class EigenBasis {
     std::vector<unsigned char> b(kMagic.size() + 4 * 4 + keys_.size() * 8 + 4 * floats + 8);
     std::size_t at = 0;
     for (unsigned char c : kMagic) b[at++] = c;
-    put_u32(b, at, kVersion);
-    put_u32(b, at, static_cast<std::uint32_t>(L_));
-    put_u32(b, at, static_cast<std::uint32_t>(H_));
-    put_u32(b, at, static_cast<std::uint32_t>(d_));
+    bytes::put_u32(b, at, kVersion);
+    bytes::put_u32(b, at, static_cast<std::uint32_t>(L_));
+    bytes::put_u32(b, at, static_cast<std::uint32_t>(H_));
+    bytes::put_u32(b, at, static_cast<std::uint32_t>(d_));
     for (std::size_t i = 0; i < keys_.size(); ++i) {
-      put_u32(b, at, static_cast<std::uint32_t>(keys_[i].cols()));
-      put_u32(b, at, static_cast<std::uint32_t>(values_[i].cols()));
+      bytes::put_u32(b, at, static_cast<std::uint32_t>(keys_[i].cols()));
+      bytes::put_u32(b, at, static_cast<std::uint32_t>(values_[i].cols()));
     }
     for (std::size_t i = 0; i < keys_.size(); ++i) {
       for (const Eigen::MatrixXf* m : {&keys_[i], &values_[i]})
         for (Eigen::Index c = 0; c < m->cols(); ++c)
-          for (Eigen::Index r = 0; r < m->rows(); ++r) put_u32(b, at, std::bit_cast<std::uint32_t>((*m)(r, c)));
+          for (Eigen::Index r = 0; r < m->rows(); ++r) bytes::put_u32(b, at, std::bit_cast<std::uint32_t>((*m)(r, c)));
     }
-    const std::uint64_t hash = fnv1a64(b.data(), at);
-    for (int i = 0; i < 8; ++i) b[at++] = static_cast<unsigned char>(hash >> (8 * i));
+    const std::uint64_t hash = bytes::fnv1a64(b.data(), at);
+    bytes::put_u64(b, at, hash);
     return b;
   }
 
@@ -251,12 +252,12 @@ class EigenBasis {
     KVTRIM_CHECK(std::equal(kMagic.begin(), kMagic.end(), b.begin()),
                  "EigenBasis: bad magic; expected \"KVTEIGB\\0\" (not a kvtrim Eigen Attention basis)");
     std::size_t at = 8;
-    const std::uint32_t version = get_u32(b, at);
+    const std::uint32_t version = bytes::get_u32(b, at);
     KVTRIM_CHECK(version == kVersion, "EigenBasis: format version ", version, " is not supported (expected ",
                  kVersion, ")");
-    const auto L = static_cast<std::int32_t>(get_u32(b, at));
-    const auto H = static_cast<std::int32_t>(get_u32(b, at));
-    const auto d = static_cast<std::int32_t>(get_u32(b, at));
+    const auto L = static_cast<std::int32_t>(bytes::get_u32(b, at));
+    const auto H = static_cast<std::int32_t>(bytes::get_u32(b, at));
+    const auto d = static_cast<std::int32_t>(bytes::get_u32(b, at));
     KVTRIM_CHECK(L >= 1 && L <= 1 << 16, "EigenBasis: n_layers ", L, " out of range 1..65536");
     KVTRIM_CHECK(H >= 1 && H <= 1 << 16, "EigenBasis: n_kv_heads ", H, " out of range 1..65536");
     KVTRIM_CHECK(d >= 1 && d <= kMaxHeadDim, "EigenBasis: head_dim ", d, " out of range 1..", kMaxHeadDim);
@@ -266,7 +267,7 @@ class EigenBasis {
     std::vector<std::int32_t> ranks(2 * heads);
     std::uint64_t floats = 0;
     for (std::size_t i = 0; i < 2 * heads; ++i) {
-      ranks[i] = static_cast<std::int32_t>(get_u32(b, at));
+      ranks[i] = static_cast<std::int32_t>(bytes::get_u32(b, at));
       KVTRIM_CHECK(ranks[i] >= 1 && ranks[i] <= d, "EigenBasis: ", i % 2 == 0 ? "key" : "value", " rank ",
                    ranks[i], " of layer ", i / 2 / H, " KV head ", i / 2 % H, " out of range 1..head_dim (", d, ")");
       floats += static_cast<std::uint64_t>(ranks[i]) * static_cast<std::uint64_t>(d);
@@ -276,39 +277,23 @@ class EigenBasis {
                  b.size() < want ? " (truncated)" : " (trailing bytes)");
     std::size_t end = b.size() - 8;
     std::size_t tail = end;
-    const std::uint64_t stored = get_u64(b, tail);
-    KVTRIM_CHECK(stored == fnv1a64(b.data(), end),
+    const std::uint64_t stored = bytes::get_u64(b, tail);
+    KVTRIM_CHECK(stored == bytes::fnv1a64(b.data(), end),
                  "EigenBasis: checksum mismatch (the data is corrupt or was modified)");
     EigenBasis out(L, H, d);
     for (std::size_t i = 0; i < heads; ++i) {
       Eigen::MatrixXf k(d, ranks[2 * i]), v(d, ranks[2 * i + 1]);
       for (Eigen::MatrixXf* m : {&k, &v})
         for (Eigen::Index c = 0; c < m->cols(); ++c)
-          for (Eigen::Index r = 0; r < m->rows(); ++r) (*m)(r, c) = std::bit_cast<float>(get_u32(b, at));
+          for (Eigen::Index r = 0; r < m->rows(); ++r) (*m)(r, c) = std::bit_cast<float>(bytes::get_u32(b, at));
       out.set(static_cast<int>(i / H), static_cast<int>(i % H), std::move(k), std::move(v));
     }
     return out;
   }
 
-  void save(const std::string& path) const {
-    const auto bytes = to_bytes();
-    std::ofstream f(path, std::ios::binary | std::ios::trunc);
-    KVTRIM_CHECK(f.good(), "EigenBasis::save: cannot open '", path, "' for writing");
-    f.write(reinterpret_cast<const char*>(bytes.data()), static_cast<std::streamsize>(bytes.size()));
-    f.flush();
-    KVTRIM_CHECK(f.good(), "EigenBasis::save: writing '", path, "' failed");
-  }
-
+  void save(const std::string& path) const { bytes::write_file(path, to_bytes(), "EigenBasis::save"); }
   static EigenBasis load(const std::string& path) {
-    std::ifstream f(path, std::ios::binary);
-    KVTRIM_CHECK(f.good(), "EigenBasis::load: cannot open '", path, "'");
-    std::vector<unsigned char> bytes((std::istreambuf_iterator<char>(f)), std::istreambuf_iterator<char>());
-    KVTRIM_CHECK(!f.bad(), "EigenBasis::load: reading '", path, "' failed");
-    try {
-      return from_bytes(bytes);
-    } catch (const Error& e) {
-      detail::throw_error("EigenBasis::load('", path, "'): ", std::string_view(e.what()).substr(8));
-    }
+    return bytes::read_file(path, "EigenBasis::load", [](std::span<const unsigned char> b) { return from_bytes(b); });
   }
 
  private:
@@ -331,26 +316,6 @@ class EigenBasis {
     const double err = (G - Eigen::MatrixXd::Identity(G.rows(), G.cols())).cwiseAbs().maxCoeff();
     KVTRIM_CHECK(err <= 1e-4, "EigenBasis: ", what, " basis of layer ", layer, " KV head ", kv_head,
                  " is not orthonormal (max |UᵀU - I| = ", err, ", expected <= 1e-4)");
-  }
-  static void put_u32(std::vector<unsigned char>& b, std::size_t& at, std::uint32_t x) {
-    for (int i = 0; i < 4; ++i) b[at++] = static_cast<unsigned char>(x >> (8 * i));
-  }
-  static std::uint32_t get_u32(std::span<const unsigned char> b, std::size_t& at) {
-    std::uint32_t x = 0;
-    for (int i = 0; i < 4; ++i) x |= static_cast<std::uint32_t>(b[at + i]) << (8 * i);
-    at += 4;
-    return x;
-  }
-  static std::uint64_t get_u64(std::span<const unsigned char> b, std::size_t& at) {
-    std::uint64_t x = 0;
-    for (int i = 0; i < 8; ++i) x |= static_cast<std::uint64_t>(b[at + i]) << (8 * i);
-    at += 8;
-    return x;
-  }
-  static std::uint64_t fnv1a64(const unsigned char* p, std::size_t n) {
-    std::uint64_t h = 0xcbf29ce484222325ULL;
-    for (std::size_t i = 0; i < n; ++i) h = (h ^ p[i]) * 0x100000001b3ULL;
-    return h;
   }
 
   int L_ = 0, H_ = 0, d_ = 0;

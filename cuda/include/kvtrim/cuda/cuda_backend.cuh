@@ -14,9 +14,10 @@
 // Inputs: q/k/v/out (and Q/K/V/out for prefill) may be host or device pointers, all of the same kind.
 //  - host pointers: copied in and out on the backend's stream; the call returns when `out` is written.
 //  - device pointers: nothing is copied and the call returns as soon as the work is queued on the stream;
-//    KVCache's finiteness check reads inputs on the host, so device inputs need CacheConfig::check_finite =
-//    false (the caller's promise that they are finite). Kernel-side failures (a head with no free slot, every
-//    token protected) are then reported by the next synchronize() or introspection call.
+//    KVCache's finiteness check reads inputs on the host, so with CacheConfig::check_finite on (the default)
+//    device inputs are refused with a kvtrim::Error that says to set it off (the caller's promise that they are
+//    finite); they are never read on the host. Kernel-side failures (a head with no free slot, every token
+//    protected) are then reported by the next synchronize() or introspection call.
 // Requirements (checked at construction, kvtrim::Error otherwise): a CUDA device, head_dim a multiple of 4 and
 // at most 256.
 //
@@ -51,6 +52,7 @@
 #include <kvtrim/config.hpp>
 #include <kvtrim/error.hpp>
 #include <kvtrim/head_store.hpp>
+#include <kvtrim/memory.hpp>
 #include <kvtrim/policy.hpp>
 #include <kvtrim/simhash.hpp>
 
@@ -246,7 +248,9 @@ class CudaBackend<T>::Impl {
     int capacity() const { return s_->initial[i_].cap; }
     int key_dim() const { return width(); }  // stored width (padded rank under low-rank storage)
     int value_dim() const { return width(); }
-    std::span<const std::int64_t> positions() const { return s_->positions(i_); }
+    std::span<const std::int64_t> positions() const { return s_->positions(i_); }  // a host copy
+    const T* key_data() const { return s_->record(i_).k; }  // device memory
+    const T* value_data() const { return s_->record(i_).v; }
     std::int64_t newest_pos() const { return s_->record(i_).newest; }
     std::uint64_t evictions() const { return s_->record(i_).evictions; }
     std::uint64_t merges() const { return s_->record(i_).merges; }
@@ -267,6 +271,9 @@ class CudaBackend<T>::Impl {
     const int L = cfg.n_layers, H = cfg.n_kv_heads, d = cfg.head_dim, g = cfg.group_size();
     KVTRIM_CHECK(d % 4 == 0 && d <= 256, "CudaBackend: head_dim is ", d,
                  "; the decode kernel expects a multiple of 4 of at most 256");
+    // the per-head host records come first: refuse a head count this machine cannot even list
+    detail::require_bytes(ByteCount{}.add(double(L) * H, sizeof(Head) + 2 * sizeof(std::size_t)), physical_memory(),
+                          P::kName.data(), "this machine");
     policies_.reserve(static_cast<std::size_t>(L));
     Store& s = *st_;
     s.L = L, s.H = H, s.Hq = cfg.n_q_heads, s.g = g, s.d = d;
@@ -291,7 +298,7 @@ class CudaBackend<T>::Impl {
       s.max_width = std::max(s.max_width, w);
       int layer_cap = 0;
       for (int h = 0; h < H; ++h) {
-        const int budget = cfg.budget_of(l, h), cap = budget + 1;
+        const int budget = cfg.budget_of(l, h), cap = budget + 1 + cfg.chunk_capacity;
         Head r;
         r.cap = cap;
         r.budget = budget;
@@ -313,6 +320,10 @@ class CudaBackend<T>::Impl {
       s.max_cap = std::max(s.max_cap, layer_cap);
       s.max_splits = std::max(s.max_splits, s.splits[static_cast<std::size_t>(l)]);
     }
+    std::size_t free_bytes = 0, device_bytes = 0;
+    KVTRIM_CUDA_CHECK(cudaMemGetInfo(&free_bytes, &device_bytes));
+    detail::require_bytes(ByteCount{}.add(double(total), 1.0), double(free_bytes), P::kName.data(),
+                          "the device's free memory");
     s.slab.allocate(total);
     for (std::size_t i = 0; i < s.initial.size(); ++i) {
       Head& r = s.initial[i];
@@ -373,6 +384,8 @@ class CudaBackend<T>::Impl {
   }
 
   const HeadView& head(int layer, int kv) const { return views_[index(layer, kv)]; }
+  // Whether p points into device memory (KVCache never reads such inputs on the host).
+  bool is_device_memory(const void* p) const { return gpu::is_device_pointer(p); }
   P& policy(int layer) { return policies_[static_cast<std::size_t>(layer)]; }
   const P& policy(int layer) const { return policies_[static_cast<std::size_t>(layer)]; }
 
@@ -397,56 +410,15 @@ class CudaBackend<T>::Impl {
 
   // q: [n_q_heads * d], k, v: [n_kv_heads * d], out: [n_q_heads * d]; host or device memory (see the top).
   void decode(int layer, const float* q, const float* k, const float* v, float* out, std::int64_t pos) {
-    Store& s = *st_;
-    const int H = s.H, d = s.d;
-    const bool dev = same_memory_kind({q, k, v, out}, "decode");
-    const std::size_t qb = sizeof(float) * static_cast<std::size_t>(s.Hq) * d;
-    const std::size_t kb = sizeof(float) * static_cast<std::size_t>(H) * d;
-    if (!dev) {
-      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.q_in(), q, qb, cudaMemcpyHostToDevice, s.stream));
-      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.k_in(), k, kb, cudaMemcpyHostToDevice, s.stream));
-      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.v_in(), v, kb, cudaMemcpyHostToDevice, s.stream));
-      q = s.q_in(), k = s.k_in(), v = s.v_in();
-    }
-    float* o = dev ? out : s.out();
-    float* o_stored = o;  // the attention output in the stored space
-    const int w = s.width[static_cast<std::size_t>(layer)];
-    if constexpr (kProjects) {  // everything below runs in the low-rank space
-      project(s.key_basis(layer), w, q, s.g, d, s.g * d, 1, s.q_low(), s.g * w, 0);
-      project(s.key_basis(layer), w, k, 1, d, d, 1, s.k_low(), w, 0);
-      project(s.value_basis(layer), w, v, 1, d, d, 1, s.v_low(), w, 0);
-      q = s.q_low(), k = s.k_low(), v = s.v_low();
-      o_stored = s.o_low();
-    }
-    Head* heads = s.layer_heads(layer);
-    int* err = s.error.template as<int>();
-    const std::uint64_t* q_codes = nullptr;
-    const std::uint64_t* k_codes = nullptr;
-    if constexpr (kHash) {
-      std::uint64_t* c = s.codes.template as<std::uint64_t>();
-      hash(layer, q, s.Hq, c);
-      hash(layer, k, H, c + s.Hq);
-      q_codes = c, k_codes = c + s.Hq;
-    }
-    gpu::kernels::append_kernel<T, P><<<H, 128, 0, s.stream>>>(
-        heads, gpu::kernels::AppendArgs{k, v, w, s.g, k_codes, q_codes, pos, err});
-    if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(heads, w);
-    attend(layer, heads, q, o_stored);
-    if constexpr (kProjects) unproject(s.value_basis(layer), w, o_stored, s.g, s.g * w, 1, o, s.g * d, 0);
-    if constexpr (kProbs) {
-      const dim3 grid(static_cast<unsigned>((s.max_cap + 127) / 128), static_cast<unsigned>(H));
-      gpu::kernels::on_attention_kernel<P, Head>
-          <<<grid, 128, 0, s.stream>>>(heads, s.logits.template as<float>(), s.max_cap, s.g);
-    }
-    if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(heads, w);
-    KVTRIM_CUDA_CHECK(cudaGetLastError());
-    if constexpr (kNeverEvicts)
-      for (int h = 0; h < H; ++h) ++s.host_n[index(layer, h)];
-    s.invalidate(layer);
-    if (!dev) {
-      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(out, o, qb, cudaMemcpyDeviceToHost, s.stream));
-      s.sync_and_check();
-    }
+    chunk(layer, q, k, v, out, 1, pos, Step::kDecode);
+  }
+  // T tokens after the ones held, eviction after the chunk (KVCache::append); at most 1 + chunk_capacity.
+  void append(int layer, const float* Q, const float* K, const float* V, float* out, int count, std::int64_t first_pos) {
+    chunk(layer, Q, K, V, out, count, first_pos, Step::kAppend);
+  }
+  // The outputs append() would write; the heads' records are restored afterwards and no policy rule runs.
+  void verify(int layer, const float* Q, const float* K, const float* V, float* out, int count, std::int64_t first_pos) {
+    chunk(layer, Q, K, V, out, count, first_pos, Step::kVerify);
   }
 
   // Q: [T x n_q_heads*d], K, V: [T x n_kv_heads*d], out: [T x n_q_heads*d], row-major; host or device memory.
@@ -615,6 +587,147 @@ class CudaBackend<T>::Impl {
     a.logits = kProbs ? s.logits.template as<float>() : nullptr;
     a.logits_stride = s.max_cap;
     gpu::kernels::launch_decode_attention<T, Head>(heads, s.H, a, out, s.stats.template as<float>(), s.stream);
+  }
+
+ public:
+  // Decide-only steps (KVCache::insert / observe): the token joins (and a policy that evicts before attention
+  // evicts); later the engine's probabilities [n_q_heads x stride] (host or device memory) come back for the
+  // policy's attention rule and the eviction after attention.
+  void insert_step(int layer, const float* q, const float* k, const float* v, std::int64_t pos) {
+    Store& s = *st_;
+    const int H = s.H, d = s.d;
+    const bool dev = same_memory_kind({q, k, v}, "insert");
+    if (!dev) {
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.q_in(), q, sizeof(float) * s.Hq * d, cudaMemcpyHostToDevice, s.stream));
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.k_in(), k, sizeof(float) * H * d, cudaMemcpyHostToDevice, s.stream));
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(s.v_in(), v, sizeof(float) * H * d, cudaMemcpyHostToDevice, s.stream));
+      q = s.q_in(), k = s.k_in(), v = s.v_in();
+    }
+    Head* heads = s.layer_heads(layer);
+    const std::uint64_t* q_codes = nullptr;
+    const std::uint64_t* k_codes = nullptr;
+    if constexpr (kHash) {
+      std::uint64_t* c = s.codes.template as<std::uint64_t>();
+      hash(layer, q, s.Hq, c);
+      hash(layer, k, H, c + s.Hq);
+      q_codes = c, k_codes = c + s.Hq;
+    }
+    gpu::kernels::append_kernel<T, P><<<H, 128, 0, s.stream>>>(
+        heads, gpu::kernels::AppendArgs{k, v, d, s.g, k_codes, q_codes, pos, s.error.template as<int>()});
+    if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(heads, d);
+    KVTRIM_CUDA_CHECK(cudaGetLastError());
+    if constexpr (kNeverEvicts)
+      for (int h = 0; h < H; ++h) ++s.host_n[index(layer, h)];
+    s.invalidate(layer);
+    s.sync_and_check();  // the engine reads the view next
+  }
+  void observe_step(int layer, const float* probs, int stride) {
+    Store& s = *st_;
+    Head* heads = s.layer_heads(layer);
+    if constexpr (kProbs) {
+      const bool dev = gpu::is_device_pointer(probs);
+      // A head holds at most budget + 1 <= stride slots during a step; the rows are as wide as the caller's.
+      const std::size_t width = static_cast<std::size_t>(std::min(stride, s.max_cap));
+      KVTRIM_CUDA_CHECK(cudaMemcpy2DAsync(s.logits.template as<float>(), sizeof(float) * s.max_cap, probs,
+                                          sizeof(float) * stride, sizeof(float) * width, s.Hq,
+                                          dev ? cudaMemcpyDeviceToDevice : cudaMemcpyHostToDevice, s.stream));
+      const dim3 grid(static_cast<unsigned>((s.max_cap + 127) / 128), static_cast<unsigned>(s.H));
+      gpu::kernels::on_attention_kernel<P, Head>
+          <<<grid, 128, 0, s.stream>>>(heads, s.logits.template as<float>(), s.max_cap, s.g);
+    } else {
+      (void)probs, (void)stride;
+    }
+    if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(heads, s.d);
+    KVTRIM_CUDA_CHECK(cudaGetLastError());
+    s.invalidate(layer);
+    s.sync_and_check();
+  }
+
+ private:
+  enum class Step { kDecode, kAppend, kVerify };
+
+  // T tokens of one layer, one after the other: append (with the policy's on_insert unless verifying),
+  // [eviction before attention: decode only], attention, the attention rule, [eviction after attention: decode,
+  // or once after the chunk for append]. Verify restores the layer's records at the end.
+  void chunk(int layer, const float* Q, const float* K, const float* V, float* out, int count, std::int64_t first_pos,
+             Step mode) {
+    Store& s = *st_;
+    const int H = s.H, d = s.d;
+    KVTRIM_CHECK(count <= 1 + cfg_.chunk_capacity, "CudaBackend: a chunk of ", count, " tokens needs ",
+                 "CacheConfig::chunk_capacity >= ", count - 1, " (it is ", cfg_.chunk_capacity,
+                 "): the device heads are allocated once");
+    const bool dev = same_memory_kind({Q, K, V, out}, mode == Step::kDecode ? "decode" : "append/verify");
+    const std::size_t qn = static_cast<std::size_t>(s.Hq) * d, kn = static_cast<std::size_t>(H) * d;
+    const std::size_t Tz = static_cast<std::size_t>(count);
+    gpu::DeviceBuffer chunk_io;  // host inputs of a chunk of more than one token; a single token uses the io buffer
+    if (!dev) {
+      float *q = s.q_in(), *k = s.k_in(), *v = s.v_in();
+      if (count > 1) {
+        chunk_io.allocate(sizeof(float) * Tz * (2 * qn + 2 * kn));
+        q = chunk_io.as<float>(), k = q + Tz * qn, v = k + Tz * kn;
+      }
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(q, Q, sizeof(float) * Tz * qn, cudaMemcpyHostToDevice, s.stream));
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(k, K, sizeof(float) * Tz * kn, cudaMemcpyHostToDevice, s.stream));
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(v, V, sizeof(float) * Tz * kn, cudaMemcpyHostToDevice, s.stream));
+      Q = q, K = k, V = v;
+    }
+    float* O = dev ? out : count > 1 ? chunk_io.as<float>() + Tz * (qn + 2 * kn) : s.out();
+    Head* heads = s.layer_heads(layer);
+    int* err = s.error.template as<int>();
+    const int w = s.width[static_cast<std::size_t>(layer)];
+    gpu::DeviceBuffer saved;  // verify: the layer's records as they were
+    if (mode == Step::kVerify) {
+      saved.allocate(sizeof(Head) * H);
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(saved.as<Head>(), heads, sizeof(Head) * H, cudaMemcpyDeviceToDevice, s.stream));
+    }
+    for (int t = 0; t < count; ++t) {
+      const float* q = Q + static_cast<std::size_t>(t) * qn;
+      const float* k = K + static_cast<std::size_t>(t) * kn;
+      const float* v = V + static_cast<std::size_t>(t) * kn;
+      float* o = O + static_cast<std::size_t>(t) * qn;
+      float* o_stored = o;  // the attention output in the stored space
+      if constexpr (kProjects) {  // everything below runs in the low-rank space
+        project(s.key_basis(layer), w, q, s.g, d, s.g * d, 1, s.q_low(), s.g * w, 0);
+        project(s.key_basis(layer), w, k, 1, d, d, 1, s.k_low(), w, 0);
+        project(s.value_basis(layer), w, v, 1, d, d, 1, s.v_low(), w, 0);
+        q = s.q_low(), k = s.k_low(), v = s.v_low();
+        o_stored = s.o_low();
+      }
+      const std::uint64_t* q_codes = nullptr;
+      const std::uint64_t* k_codes = nullptr;
+      if constexpr (kHash) {
+        std::uint64_t* c = s.codes.template as<std::uint64_t>();
+        hash(layer, q, s.Hq, c);
+        hash(layer, k, H, c + s.Hq);
+        q_codes = c, k_codes = c + s.Hq;
+      }
+      gpu::kernels::AppendArgs a{k, v, w, s.g, k_codes, q_codes, first_pos + t, err};
+      a.rules = mode != Step::kVerify;
+      gpu::kernels::append_kernel<T, P><<<H, 128, 0, s.stream>>>(heads, a);
+      if (mode == Step::kDecode && P::kTiming == EvictTiming::kBeforeAttention) evict(heads, w);
+      attend(layer, heads, q, o_stored);
+      if constexpr (kProjects) unproject(s.value_basis(layer), w, o_stored, s.g, s.g * w, 1, o, s.g * d, 0);
+      if constexpr (kProbs) {
+        if (mode != Step::kVerify) {
+          const dim3 grid(static_cast<unsigned>((s.max_cap + 127) / 128), static_cast<unsigned>(H));
+          gpu::kernels::on_attention_kernel<P, Head>
+              <<<grid, 128, 0, s.stream>>>(heads, s.logits.template as<float>(), s.max_cap, s.g);
+        }
+      }
+      if (mode == Step::kDecode && P::kTiming == EvictTiming::kAfterAttention) evict(heads, w);
+      KVTRIM_CUDA_CHECK(cudaGetLastError());
+    }
+    if (mode == Step::kAppend) evict(heads, w);
+    if (mode == Step::kVerify)
+      KVTRIM_CUDA_CHECK(cudaMemcpyAsync(heads, saved.as<Head>(), sizeof(Head) * H, cudaMemcpyDeviceToDevice, s.stream));
+    KVTRIM_CUDA_CHECK(cudaGetLastError());
+    if constexpr (kNeverEvicts)
+      if (mode != Step::kVerify)
+        for (int h = 0; h < H; ++h) s.host_n[index(layer, h)] += count;
+    if (mode != Step::kVerify) s.invalidate(layer);
+    if (!dev) KVTRIM_CUDA_CHECK(cudaMemcpyAsync(out, O, sizeof(float) * Tz * qn, cudaMemcpyDeviceToHost, s.stream));
+    // a chunk's temporaries are freed when this function returns; a host caller waits for `out` anyway
+    if (!dev || count > 1 || mode == Step::kVerify) s.sync_and_check();
   }
 
   // Keep marks of a prompt by the policy's sort keys: the lowest T - prompt_limit of each head are dropped.

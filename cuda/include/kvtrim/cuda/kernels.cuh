@@ -181,6 +181,7 @@ struct AppendArgs {
   const std::uint64_t* q_codes = nullptr;
   std::int64_t position = 0;
   int* error = nullptr;
+  bool rules = true;  // false: the rows only (a speculative verify), no on_insert
 };
 
 // grid: one block per KV head of the layer.
@@ -212,7 +213,7 @@ __global__ void append_kernel(DevHead<T, typename P::SlotMeta, typename P::State
     in.group = a.group;
     if (a.k_codes != nullptr) in.key_code = a.k_codes[blockIdx.x];
     if (a.q_codes != nullptr) in.q_codes = a.q_codes + static_cast<std::size_t>(blockIdx.x) * a.group;
-    P::on_insert(h.state, h.meta[n], a.position, in);
+    if (a.rules) P::on_insert(h.state, h.meta[n], a.position, in);
     h.n = n + 1;
   }
 }
