@@ -243,6 +243,11 @@ KVTRIM_AVX2_INLINE void score_pair(const float* Q, const T* K, int d, float scal
   _mm256_store_ps(S, _mm256_mul_ps(s, _mm256_set1_ps(scale)));
 }
 
+// Register blocking of a tile that is not Full: keys per score block and 8-column chunks per value block,
+// by the number of queries in the block (registers: QB x blocks accumulators + operands <= 16).
+constexpr int score_keys(int qb) { return qb >= 3 ? 3 : 4; }
+constexpr int value_chunks(int qb) { return qb >= 3 ? 2 : qb == 2 ? 4 : 8; }
+
 // Scaled scores of a tile's `rows` keys (Full: rows == TL and QB == 4): S[4 * r + a], and a zero row after
 // an odd last row (the softmax reads rows in pairs). Each block of keys issues the next slice of pk.
 template <int D, int TL, int QB, bool Full, class T>
@@ -255,7 +260,7 @@ KVTRIM_AVX2_FN inline void score_tile(const float* Q, const T* K, int dk, int ro
       score_pair<D>(Q, K + static_cast<std::size_t>(r) * ddk, dk, scale, S + 4 * r);
     }
   } else {
-    constexpr int KB = QB == 4 ? 3 : QB == 3 ? 3 : 4;
+    constexpr int KB = score_keys(QB);
     int j = 0;
     for (; j + KB <= rows; j += KB) {
       pk.next();
@@ -296,7 +301,7 @@ KVTRIM_AVX2_INLINE void value_block(const float* W, const T* V, int dv, int rows
 // of pv.
 template <int D, int TL, int QB, bool Full, class T>
 KVTRIM_AVX2_FN inline void value_tile(const float* W, const T* V, int dv, int rows, float* O, Prefetch& pv) {
-  constexpr int DB = QB == 4 ? 2 : QB == 3 ? 2 : QB == 2 ? 4 : 8;
+  constexpr int DB = value_chunks(QB);
   const int dd = D > 0 ? D : dv;
   int c = 0;
   for (; c + 8 * DB <= dd; c += 8 * DB) {
@@ -457,10 +462,13 @@ KVTRIM_AVX2_FN inline void sweep(const T* K, const T* V, int n, int dk, int dv, 
   std::fill(m, m + g, -INFINITY);
   const std::size_t krow = static_cast<std::size_t>(dk) * sizeof(T), vrow = static_cast<std::size_t>(dv) * sizeof(T);
   const int tiles = (n + TL - 1) / TL, blocks = (g + 3) / 4;
-  const int vparts = std::max(1, (D > 0 ? D : dv) / 16);  // column blocks per value tile, about
+  // The first query block issues the prefetches, one slice per block of keys (columns) it computes.
+  const int qb0 = std::min(4, g);
+  const int vparts = std::max(1, (D > 0 ? D : dv) / (8 * value_chunks(qb0)));
   auto scores = [&](int t) KVTRIM_AVX2_LAMBDA {
     const int i0 = t * TL, rows = std::min(TL, n - i0);
-    Prefetch pk = prefetch_tile<TL>(K, n, krow, t, TL / 4), none;
+    const int kparts = qb0 == 4 && rows == TL ? TL / 2 : std::max(1, rows / score_keys(qb0));
+    Prefetch pk = prefetch_tile<TL>(K, n, krow, t, kparts), none;
     for (int b = 0; b < blocks; ++b)
       KVTRIM_TILE_DISPATCH(std::min(4, g - 4 * b), rows == TL,
                            (score_tile<D, TL, QB, Full>(Q + static_cast<std::size_t>(4 * b) * dk,
