@@ -1,17 +1,24 @@
-// Decode attention on the CPU backend (FullCache, fp32) against the machine's streaming read bandwidth.
+// Decode attention on the CPU backend against the machine's streaming read bandwidth.
 //
 //   BM_ReadBandwidth            one sequential read of a 512 MiB buffer (the reference figure)
-//   BM_DecodeAttention/d/g/n    one decode step of one KV head with g query heads over n kept tokens:
-//                               KV_GBps = bytes of K and V read / time; bw_ratio = KV_GBps / read_GBps,
-//                               where read_GBps is the best of 6 passes of the streaming read, measured in
-//                               this process before the first attention benchmark; bw_ratio_best = the
-//                               fastest single step against the same best read pass (best vs best)
-//   BM_AttendKernel/fast/d/g/n  the attention kernel alone: the portable Eigen loops vs the dispatched path
+//   BM_DecodeAttention/d/g/n    one decode step of one KV head (FullCache, fp32) with g query heads over n
+//                               kept tokens: KV_GBps = bytes of K and V read / time; bw_ratio = KV_GBps /
+//                               read_GBps, where read_GBps is the best of 6 passes of the streaming read,
+//                               measured in this process before the first attention benchmark;
+//                               bw_ratio_best = the fastest single step against the same best read pass
+//   BM_Attend/<type>/fast/d/g/n the decode kernel alone (detail::attend) on keys and values stored as
+//                               <type> (float, half, bf16): fast 0 = the portable path, 1 = the path attend()
+//                               dispatches to on this machine. KV_GBps counts the bytes actually read,
+//                               n x (dk + dv) x sizeof(type), so 16-bit storage reads half the bytes of fp32;
+//                               bw_ratio (mean step), bw_ratio_median and bw_ratio_best (fastest step) are
+//                               against read_GBps as above. Probabilities and outputs are not counted.
 //   BM_DecodeThreads/t          8 KV heads x 4 query heads, d 128, 8K tokens each (64 MiB of K+V), with
 //                               CacheConfig::threads = t (wall time: the only figure that shows threads)
 //
 // Single-thread figures are CPU time of the benchmark thread (Google Benchmark's default), and so is the
 // reference bandwidth: the machine these run on is shared, and wall time would count other processes.
+// K and V larger than the last-level cache (32 MiB here) are read from DRAM on every step; smaller ones stay
+// in cache between steps, and their ratios above 1 are cache bandwidth.
 //
 // The cache is filled directly (HeadStore::append) so a 64K-token cache costs O(n d) to build, and the
 // token a step appends is dropped again after the step (O(1)), so every step attends over n + 1 tokens.
@@ -69,35 +76,57 @@ BENCHMARK(BM_DecodeAttention)
     ->Unit(benchmark::kMicrosecond)
     ->MinTime(0.2);
 
-// The attention kernel alone on the same data: 0 = the portable Eigen loops (what the backend ran before
-// the AVX2 path), 1 = what detail::attend dispatches to on this machine.
-void BM_AttendKernel(benchmark::State& state) {
-  const int impl = static_cast<int>(state.range(0)), d = static_cast<int>(state.range(1));
-  const int g = static_cast<int>(state.range(2)), n = static_cast<int>(state.range(3));
-  kvbench::read_bandwidth();
+// The decode kernel alone, keys and values stored as T.
+template <class T>
+void BM_Attend(benchmark::State& state) {
+  using kvtrim::detail::AttendPath;
+  const AttendPath path = state.range(0) ? AttendPath::kAvx2 : AttendPath::kPortable;
+  const int d = static_cast<int>(state.range(1)), g = static_cast<int>(state.range(2));
+  const int n = static_cast<int>(state.range(3));
+  if (!kvtrim::detail::attend_available<T>(path)) {
+    state.SkipWithError("this path does not run on this machine");
+    return;
+  }
+  kvbench::read_bandwidth();  // measured before the first step, outside the timed region
   Xorshift rng(3);
-  std::vector<float> K = rng.vec(static_cast<std::size_t>(n) * d), V = rng.vec(K.size());
+  std::vector<T> K(static_cast<std::size_t>(n) * d), V(K.size());
+  for (auto* x : {&K, &V})
+    for (auto& e : *x) e = kvtrim::from_float<T>(rng.next());
   std::vector<float> Q = rng.vec(static_cast<std::size_t>(g) * d), P(static_cast<std::size_t>(g) * n),
                      O(static_cast<std::size_t>(g) * d);
   const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+  std::vector<double> steps;
+  steps.reserve(1 << 20);  // no allocation between steps
   for (auto _ : state) {
-    if (impl == 0)
-      kvtrim::detail::attend_portable(K.data(), V.data(), n, d, d, Q.data(), g, scale, P.data(), O.data());
-    else
-      kvtrim::detail::attend(K.data(), V.data(), n, d, d, Q.data(), g, scale, P.data(), O.data());
+    const double t0 = kvbench::thread_cpu_seconds();
+    kvtrim::detail::attend(path, K.data(), V.data(), n, d, d, Q.data(), g, scale, P.data(), O.data());
+    steps.push_back(kvbench::thread_cpu_seconds() - t0);
     benchmark::DoNotOptimize(O.data());
   }
-  const double bytes = kvbench::kv_bytes(n, d, d);
+  const double bytes = static_cast<double>(n) * (d + d) * sizeof(T), bw = kvbench::read_bandwidth();
+  const double med = kvbench::median(steps), best = *std::min_element(steps.begin(), steps.end());
+  state.counters["KV_MiB"] = bytes / (1 << 20);
   state.counters["KV_GBps"] =
       benchmark::Counter(bytes * 1e-9 * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
-  state.counters["bw_ratio"] = benchmark::Counter(
-      bytes / kvbench::read_bandwidth() * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["read_GBps"] = bw * 1e-9;
+  state.counters["bw_ratio"] =
+      benchmark::Counter(bytes / bw * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
+  state.counters["us_median"] = med * 1e6;
+  state.counters["bw_ratio_median"] = bytes / med / bw;
+  state.counters["bw_ratio_best"] = bytes / best / bw;
 }
-BENCHMARK(BM_AttendKernel)
-    ->ArgNames({"fast", "d", "g", "n"})
-    ->ArgsProduct({{0, 1}, {128}, {1, 4}, {4096, 65536}})
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(0.2);
+// Every storage type at group 4, d 64 and 128, 4K to 128K tokens (the dispatched path); the portable path
+// for comparison at 4K and 64K; group 1 (MHA) at d 128 for float.
+void attend_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"fast", "d", "g", "n"})->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  for (int d : {64, 128})
+    for (int n : {4096, 16384, 65536, 131072}) b->Args({1, d, 4, n});
+  for (int d : {64, 128})
+    for (int n : {4096, 65536}) b->Args({0, d, 4, n});
+}
+BENCHMARK_TEMPLATE(BM_Attend, float)->Name("BM_Attend/float")->Apply(attend_args)->Args({1, 128, 1, 65536});
+BENCHMARK_TEMPLATE(BM_Attend, kvtrim::half)->Name("BM_Attend/half")->Apply(attend_args);
+BENCHMARK_TEMPLATE(BM_Attend, kvtrim::bfloat16)->Name("BM_Attend/bf16")->Apply(attend_args);
 
 void BM_DecodeThreads(benchmark::State& state) {
   const int threads = static_cast<int>(state.range(0));

@@ -3,6 +3,7 @@
 #
 #   bench/run_all.sh [BUILD_DIR] [OUT_DIR]      defaults: build, out/bench
 #   FILTER=regex bench/run_all.sh ...           only the benchmarks matching regex (Google Benchmark filter)
+#   BENCHES="bench_decode" bench/run_all.sh ...  only these programs (default: bench_decode bench_policies)
 #
 # Needs a Release build with benchmarks (./test.sh makes one in build/) and python3 for the summary.
 # Writes OUT_DIR/{decode,policies}.json (raw Google Benchmark output) and OUT_DIR/summary.md. About 5-10
@@ -12,17 +13,18 @@ cd "$(dirname "$0")/.."
 build=${1:-build}
 out=${2:-out/bench}
 filter=${FILTER:-.}
+benches=${BENCHES:-bench_decode bench_policies}
 mkdir -p "$out"
-for b in bench_decode bench_policies; do
+for b in $benches; do
   [ -x "$build/bench/$b" ] || { echo "run_all.sh: $build/bench/$b is missing; build it first" >&2; exit 1; }
 done
+rm -f "$out/decode.json" "$out/policies.json"
 
-echo "== bench_decode" >&2
-"$build/bench/bench_decode" --benchmark_filter="$filter" --benchmark_out="$out/decode.json" \
-  --benchmark_out_format=json --benchmark_counters_tabular=false
-echo "== bench_policies" >&2
-"$build/bench/bench_policies" --benchmark_filter="$filter" --benchmark_out="$out/policies.json" \
-  --benchmark_out_format=json
+for b in $benches; do
+  echo "== $b" >&2
+  "$build/bench/$b" --benchmark_filter="$filter" --benchmark_out="$out/${b#bench_}.json" \
+    --benchmark_out_format=json --benchmark_counters_tabular=false
+done
 
 python3 - "$out" <<'EOF'
 import json, os, re, sys
@@ -72,18 +74,32 @@ if dec:
         a = args(b["name"])
         L.append(f"| {a['d']} | {a['g']} | {a['n']} | {b['KV_MiB']:.1f} | {us(b):.1f} | {b['KV_GBps']:.1f} | {b['bw_ratio']:.2f} | {b['bw_ratio_best']:.2f} |")
     L.append("")
-ker = [b for b in rows if b["name"].startswith("BM_AttendKernel")]
-if ker:
-    L.append("## Attention kernel: portable Eigen loops (before) vs dispatched path (after)\n")
-    L.append("| head dim | group | tokens | before us | after us | speedup | after ratio to read bandwidth |")
-    L.append("|---:|---:|---:|---:|---:|---:|---:|")
-    byk = {}
-    for b in ker:
+att = [b for b in rows if b["name"].startswith("BM_Attend/") and "error_occurred" not in b]
+if att:
+    L.append("## Decode kernel per storage type (one KV head, dispatched path)\n")
+    L.append("GB/s = bytes of K and V actually read (n x (dk + dv) x sizeof(type)) per second of the median step; "
+             "ratio = that / the best read pass (median step; mean step; fastest step).\n")
+    L.append("| type | head dim | group | kept tokens | K+V MiB | us/step (median) | K+V GB/s | ratio median | ratio mean | ratio best |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    for b in att:
         a = args(b["name"])
-        byk.setdefault((a["d"], a["g"], a["n"]), {})[a["fast"]] = b
-    for (d, g, n), v in byk.items():
+        if a["fast"] != "1":
+            continue
+        gbs = b["KV_MiB"] * (1 << 20) / (b["us_median"] * 1e-6) * 1e-9
+        L.append(f"| {b['name'].split('/')[1]} | {a['d']} | {a['g']} | {a['n']} | {b['KV_MiB']:.1f} | {b['us_median']:.0f} | "
+                 f"{gbs:.1f} | {b['bw_ratio_median']:.2f} | {b['bw_ratio']:.2f} | {b['bw_ratio_best']:.2f} |")
+    L.append("")
+    L.append("## Decode kernel: portable path vs dispatched path (median step)\n")
+    L.append("| type | head dim | group | tokens | portable us | dispatched us | speedup |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    byk = {}
+    for b in att:
+        a = args(b["name"])
+        byk.setdefault((b["name"].split("/")[1], a["d"], a["g"], a["n"]), {})[a["fast"]] = b
+    for (t, d, g, n), v in byk.items():
         if "0" in v and "1" in v:
-            L.append(f"| {d} | {g} | {n} | {us(v['0']):.0f} | {us(v['1']):.0f} | {us(v['0']) / us(v['1']):.2f} | {v['1']['bw_ratio']:.2f} |")
+            L.append(f"| {t} | {d} | {g} | {n} | {v['0']['us_median']:.0f} | {v['1']['us_median']:.0f} | "
+                     f"{v['0']['us_median'] / v['1']['us_median']:.2f} |")
     L.append("")
 thr = [b for b in rows if b["name"].startswith("BM_DecodeThreads")]
 if thr:

@@ -1,4 +1,7 @@
 // Exact attention: the cache's prefill and decode outputs against a naive double-precision reference.
+#include <kvtrim/cpu_attention.hpp>
+#include <kvtrim/dtype.hpp>
+
 #include "testing.hpp"
 
 using kvtest::naive_attention;
@@ -85,4 +88,205 @@ TEST_CASE("softmax is stable for large logits", "[attention]") {
       REQUIRE(std::abs(out[i] - ref[i]) < 1e-4);
     }
   }
+}
+
+// ---- the decode kernel itself: every path x storage type x shape ----------------------------------------------
+
+namespace {
+
+using kvtrim::detail::AttendPath;
+
+// Softmax probabilities [g x n] and outputs [g x dv] in double, from the values as stored (rounded to T).
+struct Reference {
+  std::vector<double> P, O;
+};
+template <class T>
+Reference reference_attention(const std::vector<T>& K, const std::vector<T>& V, int n, int dk, int dv,
+                              const std::vector<float>& Q, int g, float scale) {
+  Reference r{std::vector<double>(static_cast<std::size_t>(g) * n), std::vector<double>(static_cast<std::size_t>(g) * dv)};
+  for (int a = 0; a < g; ++a) {
+    double* p = r.P.data() + static_cast<std::size_t>(a) * n;
+    double m = -INFINITY;
+    for (int i = 0; i < n; ++i) {
+      double s = 0;
+      for (int c = 0; c < dk; ++c)
+        s += double(Q[static_cast<std::size_t>(a) * dk + c]) * double(kvtrim::to_float(K[static_cast<std::size_t>(i) * dk + c]));
+      p[i] = s * double(scale);
+      m = std::max(m, p[i]);
+    }
+    double z = 0;
+    for (int i = 0; i < n; ++i) z += (p[i] = std::exp(p[i] - m));
+    for (int i = 0; i < n; ++i) p[i] /= z;
+    for (int i = 0; i < n; ++i)
+      for (int c = 0; c < dv; ++c)
+        r.O[static_cast<std::size_t>(a) * dv + c] += p[i] * double(kvtrim::to_float(V[static_cast<std::size_t>(i) * dv + c]));
+  }
+  return r;
+}
+
+template <class T>
+std::vector<T> stored(const std::vector<float>& x) {
+  std::vector<T> out(x.size());
+  kvtrim::from_float(x.data(), out.data(), x.size());
+  return out;
+}
+
+const char* path_name(AttendPath p) { return p == AttendPath::kAvx2 ? "avx2" : "portable"; }
+
+struct KernelRun {
+  std::vector<float> P, O;
+};
+
+// Runs one path on (K, V) with P and O pre-filled with garbage (the kernel must overwrite all of it).
+template <class T>
+KernelRun run_kernel(AttendPath path, const std::vector<T>& K, const std::vector<T>& V, int n, int dk, int dv,
+                     const std::vector<float>& Q, int g, float scale) {
+  KernelRun r{std::vector<float>(static_cast<std::size_t>(g) * n, 7.0f), std::vector<float>(static_cast<std::size_t>(g) * dv, NAN)};
+  kvtrim::detail::attend(path, K.data(), V.data(), n, dk, dv, Q.data(), g, scale, r.P.data(), r.O.data());
+  return r;
+}
+
+// Checks one path against the double reference: |P - ref| <= 1e-6 + 1e-5 ref, |O - ref| <= otol, and every
+// row of P sums to 1 (worst cases, so that a failure names the element).
+void require_matches(const KernelRun& got, const Reference& ref, int n, int g, double otol) {
+  std::size_t worst_p = 0, worst_o = 0;
+  double excess_p = -1, err_o = 0, err_sum = 0;
+  for (std::size_t i = 0; i < ref.P.size(); ++i) {
+    const double e = std::abs(double(got.P[i]) - ref.P[i]) - (1e-6 + 1e-5 * ref.P[i]);
+    if (!(e <= excess_p)) excess_p = e, worst_p = i;  // NaN counts as worst
+  }
+  for (int a = 0; a < g && n > 0; ++a) {
+    double sum = 0;
+    for (int i = 0; i < n; ++i) sum += got.P[static_cast<std::size_t>(a) * n + i];
+    err_sum = std::max(err_sum, std::abs(sum - 1.0));
+  }
+  for (std::size_t i = 0; i < ref.O.size(); ++i) {
+    const double e = std::abs(double(got.O[i]) - ref.O[i]);
+    if (!(e <= err_o)) err_o = e, worst_o = i;
+  }
+  CAPTURE(worst_p, excess_p, worst_o, err_o, err_sum);
+  REQUIRE(excess_p <= 0);
+  REQUIRE(err_o <= otol);
+  REQUIRE(err_sum < 1e-5);
+}
+
+// Largest |a - b| over two arrays (NaN gives NaN).
+double max_diff(const std::vector<float>& a, const std::vector<float>& b) {
+  double m = 0;
+  for (std::size_t i = 0; i < a.size(); ++i) {
+    const double e = std::abs(double(a[i]) - double(b[i]));
+    if (!(e <= m)) m = e;
+  }
+  return m;
+}
+
+template <class T>
+void check_kernel_shapes() {
+  kvtest::Rng rng(2024);
+  struct Dims {
+    int dk, dv;
+  };
+  // 64 and 128 have compile-time kernels; the rest run the generic ones: dk != dv, dims that are not a
+  // multiple of 8 (tails), tiny dims.
+  const Dims dims[] = {{64, 64}, {128, 128}, {8, 8}, {16, 24}, {20, 12}, {3, 5}, {80, 80}};
+  // n: empty, single, odd tails, exactly a tile (16/32 rows), a tile plus one, several tiles with a tail.
+  const int ns[] = {0, 1, 2, 7, 16, 17, 32, 33, 100};
+  for (auto dm : dims)
+    for (int n : ns)
+      for (int g = 1; g <= 8; ++g) {
+        const auto Kf = rng.normal(static_cast<std::size_t>(n) * dm.dk), Vf = rng.normal(static_cast<std::size_t>(n) * dm.dv);
+        const auto Q = rng.normal(static_cast<std::size_t>(g) * dm.dk);
+        const auto K = stored<T>(Kf), V = stored<T>(Vf);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(dm.dk));
+        const Reference ref = reference_attention(K, V, n, dm.dk, dm.dv, Q, g, scale);
+        std::vector<KernelRun> runs;
+        for (AttendPath path : {AttendPath::kPortable, AttendPath::kAvx2}) {
+          if (!kvtrim::detail::attend_available<T>(path)) continue;
+          CAPTURE(kvtrim::storage_traits<T>::kName, path_name(path), dm.dk, dm.dv, n, g);
+          runs.push_back(run_kernel(path, K, V, n, dm.dk, dm.dv, Q, g, scale));
+          if (n == 0) {
+            REQUIRE(std::all_of(runs.back().O.begin(), runs.back().O.end(), [](float o) { return o == 0.0f; }));
+            continue;
+          }
+          require_matches(runs.back(), ref, n, g, 2e-5);
+        }
+        if (runs.size() == 2) {  // the two paths against each other
+          CAPTURE(kvtrim::storage_traits<T>::kName, dm.dk, dm.dv, n, g);
+          REQUIRE(max_diff(runs[0].P, runs[1].P) <= 1e-6);
+          REQUIRE(max_diff(runs[0].O, runs[1].O) <= 2e-5);
+        }
+      }
+}
+
+// Scores that grow (or shrink) along the sequence, so the running maximum changes tile after tile (the
+// output is rescaled many times), and logits large enough that most probabilities underflow.
+template <class T>
+void check_kernel_running_max() {
+  kvtest::Rng rng(99);
+  const int d = 64, g = 4;
+  for (int n : {40, 300, 1000})
+    for (double slope : {8.0, -8.0, 0.05})
+      for (AttendPath path : {AttendPath::kPortable, AttendPath::kAvx2}) {
+        if (!kvtrim::detail::attend_available<T>(path)) continue;
+        CAPTURE(kvtrim::storage_traits<T>::kName, path_name(path), n, slope);
+        const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
+        std::vector<float> Kf(static_cast<std::size_t>(n) * d);
+        for (int i = 0; i < n; ++i)  // key i = (slope * i / n) * query 0 + noise: score grows with i when slope > 0
+          for (int c = 0; c < d; ++c)
+            Kf[static_cast<std::size_t>(i) * d + c] =
+                static_cast<float>(slope * i / n) * Q[static_cast<std::size_t>(c)] + 0.1f * rng.normal(1)[0];
+        const auto Vf = rng.normal(static_cast<std::size_t>(n) * d);
+        const auto K = stored<T>(Kf), V = stored<T>(Vf);
+        const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+        const Reference ref = reference_attention(K, V, n, d, d, Q, g, scale);
+        const KernelRun got = run_kernel(path, K, V, n, d, d, Q, g, scale);
+        REQUIRE(std::all_of(got.P.begin(), got.P.end(), [](float p) { return std::isfinite(p); }));
+        require_matches(got, ref, n, g, 5e-5);
+      }
+}
+
+}  // namespace
+
+TEST_CASE("decode kernel, float storage: every path and shape against a double reference", "[attention][kernel]") {
+  check_kernel_shapes<float>();
+}
+TEST_CASE("decode kernel, half storage: every path and shape against a double reference", "[attention][kernel]") {
+  check_kernel_shapes<kvtrim::half>();
+}
+TEST_CASE("decode kernel, bf16 storage: every path and shape against a double reference", "[attention][kernel]") {
+  check_kernel_shapes<kvtrim::bfloat16>();
+}
+TEST_CASE("decode kernel: a maximum that keeps moving, every path and storage type", "[attention][kernel]") {
+  check_kernel_running_max<float>();
+  check_kernel_running_max<kvtrim::half>();
+  check_kernel_running_max<kvtrim::bfloat16>();
+}
+
+TEST_CASE("decode kernel: groups larger than one sweep (33 queries)", "[attention][kernel]") {
+  kvtest::Rng rng(3);
+  const int n = 70, d = 24, g = 33;
+  const auto K = rng.normal(static_cast<std::size_t>(n) * d), V = rng.normal(K.size());
+  const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
+  const float scale = 0.2f;
+  const Reference ref = reference_attention(K, V, n, d, d, Q, g, scale);
+  for (AttendPath path : {AttendPath::kPortable, AttendPath::kAvx2}) {
+    if (!kvtrim::detail::attend_available<float>(path)) continue;
+    CAPTURE(path_name(path));
+    require_matches(run_kernel(path, K, V, n, d, d, Q, g, scale), ref, n, g, 2e-5);
+  }
+}
+
+TEST_CASE("decode kernel: the default entry point runs the fastest available path", "[attention][kernel]") {
+  kvtest::Rng rng(4);
+  const int n = 50, d = 64, g = 4;
+  const auto K = stored<kvtrim::half>(rng.normal(static_cast<std::size_t>(n) * d));
+  const auto V = stored<kvtrim::half>(rng.normal(static_cast<std::size_t>(n) * d));
+  const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
+  std::vector<float> P(static_cast<std::size_t>(g) * n), O(static_cast<std::size_t>(g) * d);
+  kvtrim::detail::attend(K.data(), V.data(), n, d, d, Q.data(), g, 0.125f, P.data(), O.data());
+  const AttendPath best = kvtrim::detail::attend_available<kvtrim::half>(AttendPath::kAvx2) ? AttendPath::kAvx2
+                                                                                           : AttendPath::kPortable;
+  const KernelRun want = run_kernel(best, K, V, n, d, d, Q, g, 0.125f);
+  REQUIRE(P == want.P);  // bit for bit: the same path
+  REQUIRE(O == want.O);
 }

@@ -1,6 +1,13 @@
 // kvtrim: cache shape and budgets.
 #pragma once
 
+// kvtrim is C++20 (std::span, concepts, designated initialisers). Older modes get one message instead of
+// an error at every use; the missing header after it is a fatal error, so the compiler stops there.
+#if !(__cplusplus >= 202002L || (defined(_MSVC_LANG) && _MSVC_LANG >= 202002L))
+#error "kvtrim needs C++20: compile with -std=c++20 (MSVC: /std:c++20); in CMake, link kvtrim::kvtrim, which asks for cxx_std_20"
+#include <kvtrim_needs_cpp20>
+#endif
+
 #include <cstddef>
 #include <cstdint>
 #include <vector>
