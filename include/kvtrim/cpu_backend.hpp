@@ -334,24 +334,34 @@ class CpuBackend::Impl {
       cpu::evict_to_limit<P>(h, states_[i], limits_[i], layer, kv, s.select);
   }
 
+  // A token's query group, key and value rows as the head stores them: projected into the low-rank space for
+  // low-rank storage (in the scratch), the inputs themselves otherwise.
+  struct StoredRows {
+    const float *q, *k, *v;
+  };
+  StoredRows stored_rows(P& pol, int kv, const float* qg, const float* kh, const float* vh, Scratch& s) const {
+    if constexpr (kProjects) {
+      const int g = cfg_.group_size(), d = cfg_.head_dim;
+      pol.project_queries(kv, g, qg, s.q_low.data());
+      pol.project_key(kv, kh, s.kv_low.data());
+      pol.project_value(kv, vh, s.kv_low.data() + d);
+      return {s.q_low.data(), s.kv_low.data(), s.kv_low.data() + d};
+    } else {
+      (void)pol, (void)kv, (void)s;
+      return {qg, kh, vh};
+    }
+  }
+
   void decode_head(int layer, int kv, const float* q, const float* k, const float* v, float* out, std::int64_t pos,
                    Scratch& s) {
     const int d = cfg_.head_dim, g = cfg_.group_size();
     const std::size_t i = index(layer, kv);
     P& pol = policy(layer);
     Head& h = heads_[i];
-    const float* qg = q + static_cast<std::size_t>(kv) * g * d;
-    const float* kh = k + static_cast<std::size_t>(kv) * d;
-    const float* vh = v + static_cast<std::size_t>(kv) * d;
     float* oh = out + static_cast<std::size_t>(kv) * g * d;
-    if constexpr (kProjects) {  // everything below happens in the stored (projected) space
-      pol.project_queries(kv, g, qg, s.q_low.data());
-      pol.project_key(kv, kh, s.kv_low.data());
-      pol.project_value(kv, vh, s.kv_low.data() + d);
-      qg = s.q_low.data();
-      kh = s.kv_low.data();
-      vh = s.kv_low.data() + d;
-    }
+    // everything below happens in the stored (projected) space
+    const auto [qg, kh, vh] = stored_rows(pol, kv, q + static_cast<std::size_t>(kv) * g * d,
+                                          k + static_cast<std::size_t>(kv) * d, v + static_cast<std::size_t>(kv) * d, s);
     insert(i, kh, vh, pos, token_inputs(layer, kh, h.key_dim(), qg, false, s));
     if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(layer, kv, s);
     const int n = h.size();
@@ -378,18 +388,10 @@ class CpuBackend::Impl {
     if constexpr (kMerges) norms_[i].resize(static_cast<std::size_t>(h.capacity()));
     if (s.probs.size() < static_cast<std::size_t>(g) * (n0 + T)) s.probs.resize(static_cast<std::size_t>(g) * (n0 + T));
     for (int t = 0; t < T; ++t) {
-      const float* qg = Q + (static_cast<std::size_t>(t) * Hq + static_cast<std::size_t>(kv) * g) * d;
-      const float* kh = K + (static_cast<std::size_t>(t) * H + kv) * d;
-      const float* vh = V + (static_cast<std::size_t>(t) * H + kv) * d;
       float* oh = out + (static_cast<std::size_t>(t) * Hq + static_cast<std::size_t>(kv) * g) * d;
-      if constexpr (kProjects) {
-        pol.project_queries(kv, g, qg, s.q_low.data());
-        pol.project_key(kv, kh, s.kv_low.data());
-        pol.project_value(kv, vh, s.kv_low.data() + d);
-        qg = s.q_low.data();
-        kh = s.kv_low.data();
-        vh = s.kv_low.data() + d;
-      }
+      const auto [qg, kh, vh] = stored_rows(pol, kv, Q + (static_cast<std::size_t>(t) * Hq + static_cast<std::size_t>(kv) * g) * d,
+                                            K + (static_cast<std::size_t>(t) * H + kv) * d,
+                                            V + (static_cast<std::size_t>(t) * H + kv) * d, s);
       if (keep)
         insert(i, kh, vh, first_pos + t, token_inputs(layer, kh, h.key_dim(), qg, false, s));
       else

@@ -47,6 +47,7 @@
 #include <memory>
 #include <span>
 #include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <kvtrim/config.hpp>
@@ -604,14 +605,7 @@ class CudaBackend<T>::Impl {
       q = s.q_in(), k = s.k_in(), v = s.v_in();
     }
     Head* heads = s.layer_heads(layer);
-    const std::uint64_t* q_codes = nullptr;
-    const std::uint64_t* k_codes = nullptr;
-    if constexpr (kHash) {
-      std::uint64_t* c = s.codes.template as<std::uint64_t>();
-      hash(layer, q, s.Hq, c);
-      hash(layer, k, H, c + s.Hq);
-      q_codes = c, k_codes = c + s.Hq;
-    }
+    const auto [q_codes, k_codes] = step_codes(layer, q, k);
     gpu::kernels::append_kernel<T, P><<<H, 128, 0, s.stream>>>(
         heads, gpu::kernels::AppendArgs{k, v, d, s.g, k_codes, q_codes, pos, s.error.template as<int>()});
     if constexpr (P::kTiming == EvictTiming::kBeforeAttention) evict(heads, d);
@@ -645,6 +639,21 @@ class CudaBackend<T>::Impl {
 
  private:
   enum class Step { kDecode, kAppend, kVerify };
+
+  // SimHash codes of one token's queries [n_q_heads] and keys [n_kv_heads] (device memory), for policies that
+  // read them; null pointers otherwise.
+  std::pair<const std::uint64_t*, const std::uint64_t*> step_codes(int layer, const float* q, const float* k) {
+    if constexpr (kHash) {
+      Store& s = *st_;
+      std::uint64_t* c = s.codes.template as<std::uint64_t>();
+      hash(layer, q, s.Hq, c);
+      hash(layer, k, s.H, c + s.Hq);
+      return {c, c + s.Hq};
+    } else {
+      (void)layer, (void)q, (void)k;
+      return {nullptr, nullptr};
+    }
+  }
 
   // T tokens of one layer, one after the other: append (with the policy's on_insert unless verifying),
   // [eviction before attention: decode only], attention, the attention rule, [eviction after attention: decode,
@@ -693,14 +702,7 @@ class CudaBackend<T>::Impl {
         q = s.q_low(), k = s.k_low(), v = s.v_low();
         o_stored = s.o_low();
       }
-      const std::uint64_t* q_codes = nullptr;
-      const std::uint64_t* k_codes = nullptr;
-      if constexpr (kHash) {
-        std::uint64_t* c = s.codes.template as<std::uint64_t>();
-        hash(layer, q, s.Hq, c);
-        hash(layer, k, H, c + s.Hq);
-        q_codes = c, k_codes = c + s.Hq;
-      }
+      const auto [q_codes, k_codes] = step_codes(layer, q, k);
       gpu::kernels::AppendArgs a{k, v, w, s.g, k_codes, q_codes, first_pos + t, err};
       a.rules = mode != Step::kVerify;
       gpu::kernels::append_kernel<T, P><<<H, 128, 0, s.stream>>>(heads, a);
