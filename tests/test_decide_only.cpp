@@ -89,7 +89,7 @@ TEMPLATE_LIST_TEST_CASE("insert + the engine's own attention over view() + obser
 
 TEST_CASE("decide-only misuse is refused and changes nothing", "[decide-only][errors]") {
   const auto cfg = shape();
-  kvtrim::KVCache<kvtrim::H2O> cache(cfg);
+  kvtrim::KVCache<kvtrim::PolicyNamed<"h2o">> cache(cfg);
   Tokens tok(cfg, 40, 5);
   std::vector<float> out(static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim);
   cache.decode(0, tok.q[0], tok.k[0], tok.v[0], out);
@@ -113,7 +113,7 @@ TEST_CASE("decide-only misuse is refused and changes nothing", "[decide-only][er
   cache.decode(0, tok.q[2], tok.k[2], tok.v[2], out);
   REQUIRE(cache.positions(0, 0) == std::vector<std::int64_t>{0, 1, 2});
   // layer 1 is independent of layer 0's pending step
-  kvtrim::KVCache<kvtrim::H2O> other(cfg);
+  kvtrim::KVCache<kvtrim::PolicyNamed<"h2o">> other(cfg);
   other.insert(0, tok.q[0], tok.k[0], tok.v[0]);
   other.decode(1, tok.q[0], tok.k[0], tok.v[0], out);
   REQUIRE(other.size(1, 0) == 1);

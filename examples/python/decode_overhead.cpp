@@ -4,14 +4,15 @@
 //   kvtrim_decode_overhead POLICY N_Q_HEADS N_KV_HEADS HEAD_DIM BUDGET CALLS
 //
 // One layer; the cache is first filled to its budget, then CALLS decode calls are timed, through
-// kvtrim::make_cache (AnyCache, what the Python module calls) and through the typed KVCache<P> (when P is
-// streaming or h2o), in thread CPU time, best of 5 runs. Inputs are fixed random vectors (finite; the finiteness check runs as in Python). Prints
+// kvtrim::make_cache (AnyCache, what the Python module calls) and through the typed KVCache<P> of the same
+// registered policy (any but the low-rank ones; typed_us -1 there), in thread CPU time, best of 5 runs. Inputs are fixed random vectors (finite; the finiteness check runs as in Python). Prints
 // one JSON line: {"any_us": ..., "typed_us": ...}.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <random>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include <time.h>
@@ -68,13 +69,13 @@ int main(int argc, char** argv) {
     auto any = kvtrim::make_cache(policy, cfg);
     const double any_us = us_per_call(*any, calls, q, k, v, out, cfg.budget);
     double typed_us = -1;
-    if (policy == "streaming") {
-      kvtrim::KVCache<kvtrim::StreamingLLM> typed(cfg);
-      typed_us = us_per_call(typed, calls, q, k, v, out, cfg.budget);
-    } else if (policy == "h2o") {
-      kvtrim::KVCache<kvtrim::H2O> typed(cfg);
-      typed_us = us_per_call(typed, calls, q, k, v, out, cfg.budget);
-    }
+    kvtrim::with_policy(policy, [&](const auto& entry) {  // the same policy as a compile-time KVCache
+      using P = typename std::remove_cvref_t<decltype(entry)>::Policy;
+      if constexpr (!kvtrim::Entry<P>::kNeedsBasis) {
+        kvtrim::KVCache<P> typed(cfg, entry.params());
+        typed_us = us_per_call(typed, calls, q, k, v, out, cfg.budget);
+      }
+    });
     std::printf("{\"any_us\": %.4f, \"typed_us\": %.4f}\n", any_us, typed_us);
     return 0;
   } catch (const std::exception& e) {
