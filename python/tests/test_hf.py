@@ -165,7 +165,9 @@ def test_compare_script_gives_the_cpp_comparison_figures(hf_model_dir, models, t
     plots = importlib.util.find_spec("matplotlib") is not None  # the plots are checked where matplotlib is
     subprocess.run([str(COMPARE_BIN), "--model", str(models["model"]), "--tokenizer", str(models["tokenizer"]),
                     "--text", str(models["text"]), "--bytes", str(BYTES), "--budgets", "64",
-                    "--policies", "StreamingLLM,H2O", "--threads", "1", "--no-plots", "--out", str(cpp_dir)],
+                    "--policies", "StreamingLLM,H2O", "--threads", "1", "--no-plots", "--out", str(cpp_dir),
+                    # compare.py's protocol: full windows only, every policy at its nominal budget
+                    "--drop-last", "--footing", "budget"],
                    check=True, capture_output=True)
     subprocess.run([sys.executable, str(ROOT / "examples" / "python" / "compare.py"), "--model", str(hf_model_dir),
                     "--text", str(models["text"]), "--bytes", str(BYTES), "--budgets", "64",
@@ -173,7 +175,8 @@ def test_compare_script_gives_the_cpp_comparison_figures(hf_model_dir, models, t
                    check=True, capture_output=True)
     for plot in ["ppl_ratio", "long_range_recall", "top1_agreement"] if plots else []:
         assert (py_dir / f"{plot}.png").stat().st_size > 10000
-    cpp = {(r["protocol"], r["policy"]): r for r in csv.DictReader(open(cpp_dir / "results.csv"))}
+    with open(cpp_dir / "results.csv") as f:  # '#' lines: the run's metadata
+        cpp = {(r["protocol"], r["configuration"]): r for r in csv.DictReader(line for line in f if not line.startswith("#"))}
     py = {(r["protocol"], r["policy"]): r for r in csv.DictReader(open(py_dir / "results.csv"))}
     names = {"Full": "full", "StreamingLLM": "streaming", "H2O": "h2o"}
     for (protocol, cpp_name), c in cpp.items():
