@@ -65,7 +65,7 @@ void prefill(Cache& c, const Tokens& tok, int prompt) {
 }  // namespace
 
 TEMPLATE_LIST_TEST_CASE("append: every chunk token attends to what was held plus the chunk so far",
-                        "[append]", kvtrim::RegisteredPolicies) {
+                        "[append]", kvtest::ApiPolicies) {
   using P = TestType;
   auto cfg = shape();
   if constexpr (kvtrim::never_evicts_in_decode<P>()) cfg.budget = 200;  // room for every chunk
@@ -108,7 +108,7 @@ TEMPLATE_LIST_TEST_CASE("append: every chunk token attends to what was held plus
 }
 
 TEMPLATE_LIST_TEST_CASE("verify: append's outputs, and no trace in the cache", "[append][verify]",
-                        kvtrim::RegisteredPolicies) {
+                        kvtest::ApiPolicies) {
   using P = TestType;
   auto cfg = shape();
   if constexpr (kvtrim::never_evicts_in_decode<P>()) cfg.budget = 200;
@@ -140,7 +140,7 @@ TEMPLATE_LIST_TEST_CASE("verify: append's outputs, and no trace in the cache", "
 }
 
 TEMPLATE_LIST_TEST_CASE("append of one token is decode for policies that evict after attention", "[append]",
-                        kvtrim::RegisteredPolicies) {
+                        kvtest::ApiPolicies) {
   using P = TestType;
   if constexpr (P::kTiming == kvtrim::EvictTiming::kAfterAttention && !kvtrim::never_evicts_in_decode<P>()) {
     const auto cfg = shape();

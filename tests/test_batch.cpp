@@ -23,7 +23,7 @@ typename P::Params params_of(const kvtrim::CacheConfig& cfg) {
 }  // namespace
 
 TEMPLATE_LIST_TEST_CASE("KVBatch equals one KVCache per sequence, sequences joining and leaving", "[batch]",
-                        kvtrim::RegisteredPolicies) {
+                        kvtest::ApiPolicies) {
   using P = TestType;
   auto cfg = shape();
   if constexpr (kvtrim::never_evicts_in_decode<P>()) cfg.budget = 300;

@@ -44,7 +44,7 @@ std::vector<double> engine_attention(const View& v, const float* q, int group,
 }  // namespace
 
 TEMPLATE_LIST_TEST_CASE("insert + the engine's own attention over view() + observe() decides what decode() decides",
-                        "[decide-only]", kvtrim::RegisteredPolicies) {
+                        "[decide-only]", kvtest::ApiPolicies) {
   using P = TestType;
   if constexpr (!kvtrim::Entry<P>::kNeedsBasis) {  // low-rank storage has no decide-only path (static_assert)
     auto cfg = shape();
