@@ -25,7 +25,10 @@ if [ "${1:-}" = "--tsan" ]; then
   cmake --build build-tsan -j"$jobs" --target test_threads
   TSAN_OPTIONS=halt_on_error=1:second_deadlock_stack=1 ./build-tsan/tests/test_threads
 elif [ "${1:-}" = "--sanitize" ]; then
+  # -O1 -g1 (line tables for the reports): half the compile time of -O2 -g under ASan+UBSan (455 vs 867 s for one
+  # registry-wide test file), and the optimisation level the sanitizers recommend.
   cmake -S . -B build-asan -DCMAKE_BUILD_TYPE=RelWithDebInfo -DKVTRIM_WERROR=ON -DKVTRIM_SANITIZE=ON \
+        -DCMAKE_CXX_FLAGS_RELWITHDEBINFO="-O1 -g1 -DNDEBUG" \
         -DKVTRIM_CUDA=OFF -DKVTRIM_BUILD_BENCHMARKS=OFF -DKVTRIM_BUILD_EXAMPLES=OFF
   cmake --build build-asan -j"$jobs"
   ASAN_OPTIONS=detect_leaks=1:abort_on_error=1 UBSAN_OPTIONS=print_stacktrace=1:halt_on_error=1 \
