@@ -16,13 +16,6 @@ using kvtest::Tokens;
 
 kvtrim::CacheConfig shape() { return {.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 4, .head_dim = 8, .budget = 40}; }
 
-template <class P>
-typename P::Params params_of(const kvtrim::CacheConfig& cfg) {
-  auto p = kvtrim::entry_of<P>().params();
-  if constexpr (kvtrim::Entry<P>::kNeedsBasis)  // identity: storage is exact
-    p.basis = std::make_shared<const kvtrim::EigenBasis>(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim);
-  return p;
-}
 
 // Every head's stored state, sorted by position: positions, rows, each slot's score and protection, counters.
 template <class Cache>
@@ -70,7 +63,7 @@ TEMPLATE_LIST_TEST_CASE("append: every chunk token attends to what was held plus
   auto cfg = shape();
   if constexpr (kvtrim::never_evicts_in_decode<P>()) cfg.budget = 200;  // room for every chunk
   const int d = cfg.head_dim, g = cfg.group_size(), H = cfg.n_kv_heads;
-  kvtrim::KVCache<P> cache(cfg, params_of<P>(cfg));
+  kvtrim::KVCache<P> cache(cfg, kvtest::registry_params<P>(cfg));
   Tokens tok(cfg, 190, 5);
   prefill(cache, tok, 30);
   int t = 30;
@@ -112,7 +105,7 @@ TEMPLATE_LIST_TEST_CASE("verify: append's outputs, and no trace in the cache", "
   using P = TestType;
   auto cfg = shape();
   if constexpr (kvtrim::never_evicts_in_decode<P>()) cfg.budget = 200;
-  kvtrim::KVCache<P> spec(cfg, params_of<P>(cfg)), plain(cfg, params_of<P>(cfg));
+  kvtrim::KVCache<P> spec(cfg, kvtest::registry_params<P>(cfg)), plain(cfg, kvtest::registry_params<P>(cfg));
   Tokens tok(cfg, 160, 9);
   prefill(spec, tok, 30);
   prefill(plain, tok, 30);
@@ -144,7 +137,7 @@ TEMPLATE_LIST_TEST_CASE("append of one token is decode for policies that evict a
   using P = TestType;
   if constexpr (P::kTiming == kvtrim::EvictTiming::kAfterAttention && !kvtrim::never_evicts_in_decode<P>()) {
     const auto cfg = shape();
-    kvtrim::KVCache<P> a(cfg, params_of<P>(cfg)), b(cfg, params_of<P>(cfg));
+    kvtrim::KVCache<P> a(cfg, kvtest::registry_params<P>(cfg)), b(cfg, kvtest::registry_params<P>(cfg));
     Tokens tok(cfg, 200, 13);
     prefill(a, tok, 30);
     prefill(b, tok, 30);

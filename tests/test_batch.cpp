@@ -12,13 +12,6 @@ using kvtest::Tokens;
 
 kvtrim::CacheConfig shape() { return {.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 4, .head_dim = 8, .budget = 40}; }
 
-template <class P>
-typename P::Params params_of(const kvtrim::CacheConfig& cfg) {
-  auto p = kvtrim::entry_of<P>().params();
-  if constexpr (kvtrim::Entry<P>::kNeedsBasis)
-    p.basis = std::make_shared<const kvtrim::EigenBasis>(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim);
-  return p;
-}
 
 }  // namespace
 
@@ -29,7 +22,7 @@ TEMPLATE_LIST_TEST_CASE("KVBatch equals one KVCache per sequence, sequences join
   if constexpr (kvtrim::never_evicts_in_decode<P>()) cfg.budget = 300;
   auto own = cfg;  // one sequence with budgets of its own
   own.head_budgets = {cfg.budget, cfg.budget - 3, cfg.budget - 6, cfg.budget};  // above SnapKV's window of 32
-  const auto params = params_of<P>(cfg);
+  const auto params = kvtest::registry_params<P>(cfg);
   for (int threads : {1, 3}) {
     kvtrim::KVBatch<P> batch(cfg, params, {.threads = threads});
     std::vector<std::unique_ptr<kvtrim::KVCache<P>>> solo(4);

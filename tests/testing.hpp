@@ -8,12 +8,22 @@
 #include <catch2/catch.hpp>
 #include <cmath>
 #include <cstdint>
+#include <memory>
 #include <random>
 #include <set>
 #include <tuple>
 #include <vector>
 
 namespace kvtest {
+
+// The registry's parameters for P on a cache shape; a low-rank policy gets the identity basis (storage exact).
+template <class P>
+typename P::Params registry_params(const kvtrim::CacheConfig& cfg) {
+  auto p = kvtrim::entry_of<P>().params();
+  if constexpr (kvtrim::Entry<P>::kNeedsBasis)
+    p.basis = std::make_shared<const kvtrim::EigenBasis>(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim);
+  return p;
+}
 
 // The policies the registry-wide API tests (append, verify, batches, decide-only) run. Every registered one in
 // the Release build; under the sanitizers, where such a file takes ~8 minutes to compile per 14 policies, one
