@@ -63,8 +63,15 @@ kvtrim_cli_case(text_missing visualize_kept 3 "text .*no/such/file.bin not found
 kvtrim_cli_case(steps_not_a_number soak 2 "^soak: steps: 'abc' is not an integer" abc)
 kvtrim_cli_case(steps_zero soak 2 "^soak: steps: 0 is out of range 1\\.\\." 0)
 kvtrim_cli_case(too_many_arguments soak 2 "unexpected argument 'x'" 10 h2o x)
+# batch_generate
+kvtrim_cli_case(batch_zero batch_generate 2 "^batch_generate: --batch: 0 is out of range 1\\.\\." --batch 0)
+kvtrim_cli_case(threads_not_a_number batch_generate 2 "--threads: 'two' is not an integer" --threads two)
+kvtrim_cli_case(unknown_policy batch_generate 2 "unknown policy 'bogus'; the registered policies are full" --policy bogus)
+kvtrim_cli_case(steps_beyond_context batch_generate 2 "--steps: 600 is out of range 1\\.\\.512 \\(the model's context\\)" --steps 600 MODEL)
+kvtrim_cli_case(prompt_longer_than_steps batch_generate 2 "prompt 2 has [0-9]+ tokens \\(BOS included\\), more than --steps 3" --steps 3 "Hi" "Once upon a time there was a girl" MODEL)
+kvtrim_cli_case(budget_too_small batch_generate 1 "StreamingLLM: sinks \\(4\\) must leave room for a window in the budget 4" --policy streaming --budget 4 MODEL)
 # --help prints the usage on stdout and exits 0.
-foreach(program generate compare_policies visualize_kept soak)
+foreach(program generate compare_policies visualize_kept soak batch_generate)
   if(TARGET ${program})
     add_test(NAME examples.cli.${program}.help COMMAND ${program} --help)
     set_tests_properties(examples.cli.${program}.help PROPERTIES PASS_REGULAR_EXPRESSION "--out|--steps|steps" TIMEOUT 60)

@@ -136,32 +136,16 @@ class Transformer {
     KVTRIM_CHECK(logits.empty() || logits.size() == static_cast<std::size_t>(T) * c_.vocab_size,
                  "llama2 prefill: logits has ", logits.size(), " floats; expected T*vocab_size = ",
                  static_cast<std::size_t>(T) * c_.vocab_size);
-    const int dim = c_.dim, kvd = c_.kv_dim(), hs = c_.head_size();
-    Matrix X(T, dim), XB(T, dim), Q(T, dim), K(T, kvd), V(T, kvd), A(T, dim), H1, H3;
-    for (int t = 0; t < T; ++t) {
-      check_token(tokens[t]);
-      X.row(t) = ConstVectorMap(ck_.embedding() + static_cast<std::size_t>(tokens[t]) * dim, dim).transpose();
-    }
+    const int dim = c_.dim;
+    Matrix X(T, dim), A(T, dim);
+    for (int t = 0; t < T; ++t) embed(tokens[t], X.row(t).data());
     std::vector<Rope> ropes(static_cast<std::size_t>(T));
-    for (int t = 0; t < T; ++t) ropes[t].at(t, hs);
+    for (int t = 0; t < T; ++t) ropes[t].at(t, c_.head_size());
     for (int l = 0; l < c_.n_layers; ++l) {
-      for (int t = 0; t < T; ++t) rmsnorm(XB.row(t).data(), X.row(t).data(), ck_.rms_att(l), dim);
-      Q.noalias() = XB * ConstMatrixMap(ck_.wq(l), dim, dim).transpose();
-      K.noalias() = XB * ConstMatrixMap(ck_.wk(l), kvd, dim).transpose();
-      V.noalias() = XB * ConstMatrixMap(ck_.wv(l), kvd, dim).transpose();
-      for (int t = 0; t < T; ++t) {
-        ropes[t].apply(Q.row(t).data(), c_.n_heads, hs);
-        ropes[t].apply(K.row(t).data(), c_.n_kv_heads, hs);
-        if (tap_) tap_(l, t, Q.row(t).data(), K.row(t).data(), V.row(t).data());
-      }
-      cache.prefill(l, std::span<const float>(Q.data(), Q.size()), std::span<const float>(K.data(), K.size()),
-                    std::span<const float>(V.data(), V.size()), std::span<float>(A.data(), A.size()));
-      X.noalias() += A * ConstMatrixMap(ck_.wo(l), dim, dim).transpose();
-      for (int t = 0; t < T; ++t) rmsnorm(XB.row(t).data(), X.row(t).data(), ck_.rms_ffn(l), dim);
-      H1.noalias() = XB * ConstMatrixMap(ck_.w1(l), c_.hidden_dim, dim).transpose();
-      H3.noalias() = XB * ConstMatrixMap(ck_.w3(l), c_.hidden_dim, dim).transpose();
-      H1 = H1.unaryExpr([](float a) { return silu(a); }).cwiseProduct(H3);
-      X.noalias() += H1 * ConstMatrixMap(ck_.w2(l), dim, c_.hidden_dim).transpose();
+      qkv_rows(l, X, ropes, [](int t) { return static_cast<std::int64_t>(t); });
+      cache.prefill(l, std::span<const float>(Qr_.data(), Qr_.size()), std::span<const float>(Kr_.data(), Kr_.size()),
+                    std::span<const float>(Vr_.data(), Vr_.size()), std::span<float>(A.data(), A.size()));
+      finish_rows(l, X, A);
     }
     const ConstMatrixMap Wcls(ck_.wcls(), c_.vocab_size, dim);
     for (int t = logits.empty() ? T - 1 : 0; t < T; ++t) {
@@ -173,10 +157,71 @@ class Transformer {
     return logits_.data();
   }
 
+  // One token for each sequence of a kvtrim::KVBatch: row r is sequence ids[r] with token tokens[r] at position
+  // positions[r]. The same forward pass as decode(), with the weights applied to all B rows at once (one
+  // matrix product per weight instead of B), which is where batching pays off on the engine side; kvtrim
+  // decodes the B sequences' (sequence, KV head) pairs on the batch's threads. Returns the logits
+  // [B x vocab_size], row-major, valid until the next call.
+  template <class Batch>
+  const float* decode_batch(Batch& batch, std::span<const int> ids, std::span<const int> tokens,
+                            std::span<const std::int64_t> positions) {
+    const int B = static_cast<int>(ids.size());
+    KVTRIM_CHECK(B > 0 && tokens.size() == ids.size() && positions.size() == ids.size(), "llama2 decode_batch: ",
+                 ids.size(), " ids, ", tokens.size(), " tokens and ", positions.size(),
+                 " positions; expected the same number (at least 1) of each");
+    const int dim = c_.dim;
+    Xb_.resize(B, dim);
+    Ab_.resize(B, dim);
+    ropes_.resize(static_cast<std::size_t>(B));
+    for (int r = 0; r < B; ++r) {
+      embed(tokens[r], Xb_.row(r).data());
+      ropes_[r].at(positions[r], c_.head_size());
+    }
+    for (int l = 0; l < c_.n_layers; ++l) {
+      qkv_rows(l, Xb_, ropes_, [&](int r) { return positions[r]; });
+      batch.decode(l, ids, std::span<const float>(Qr_.data(), Qr_.size()), std::span<const float>(Kr_.data(), Kr_.size()),
+                   std::span<const float>(Vr_.data(), Vr_.size()), std::span<float>(Ab_.data(), Ab_.size()), positions);
+      finish_rows(l, Xb_, Ab_);
+    }
+    for (int r = 0; r < B; ++r) rmsnorm(XBr_.row(r).data(), Xb_.row(r).data(), ck_.rms_final(), dim);
+    Logits_.noalias() = XBr_ * ConstMatrixMap(ck_.wcls(), c_.vocab_size, dim).transpose();
+    return Logits_.data();
+  }
+
  private:
   void check_token(int token) const {
     KVTRIM_CHECK(token >= 0 && token < c_.vocab_size, "llama2: token id ", token, " out of range 0..",
                  c_.vocab_size - 1);
+  }
+  void embed(int token, float* row) const {
+    check_token(token);
+    const float* e = ck_.embedding() + static_cast<std::size_t>(token) * c_.dim;
+    std::copy(e, e + c_.dim, row);
+  }
+  // Qr_, Kr_, Vr_ of the rows of X at layer l, rotated (row r by ropes[r]) and shown to the tap.
+  template <class PositionOf>
+  void qkv_rows(int l, const Matrix& X, const std::vector<Rope>& ropes, PositionOf position_of) {
+    const int T = static_cast<int>(X.rows()), dim = c_.dim, kvd = c_.kv_dim(), hs = c_.head_size();
+    XBr_.resize(T, dim);
+    for (int t = 0; t < T; ++t) rmsnorm(XBr_.row(t).data(), X.row(t).data(), ck_.rms_att(l), dim);
+    Qr_.noalias() = XBr_ * ConstMatrixMap(ck_.wq(l), dim, dim).transpose();
+    Kr_.noalias() = XBr_ * ConstMatrixMap(ck_.wk(l), kvd, dim).transpose();
+    Vr_.noalias() = XBr_ * ConstMatrixMap(ck_.wv(l), kvd, dim).transpose();
+    for (int t = 0; t < T; ++t) {
+      ropes[static_cast<std::size_t>(t)].apply(Qr_.row(t).data(), c_.n_heads, hs);
+      ropes[static_cast<std::size_t>(t)].apply(Kr_.row(t).data(), c_.n_kv_heads, hs);
+      if (tap_) tap_(l, position_of(t), Qr_.row(t).data(), Kr_.row(t).data(), Vr_.row(t).data());
+    }
+  }
+  // X += A Wo^T, then the feed-forward block on every row of X.
+  void finish_rows(int l, Matrix& X, const Matrix& A) {
+    const int T = static_cast<int>(X.rows()), dim = c_.dim;
+    X.noalias() += A * ConstMatrixMap(ck_.wo(l), dim, dim).transpose();
+    for (int t = 0; t < T; ++t) rmsnorm(XBr_.row(t).data(), X.row(t).data(), ck_.rms_ffn(l), dim);
+    H1r_.noalias() = XBr_ * ConstMatrixMap(ck_.w1(l), c_.hidden_dim, dim).transpose();
+    H3r_.noalias() = XBr_ * ConstMatrixMap(ck_.w3(l), c_.hidden_dim, dim).transpose();
+    H1r_ = H1r_.unaryExpr([](float a) { return silu(a); }).cwiseProduct(H3r_);
+    X.noalias() += H1r_ * ConstMatrixMap(ck_.w2(l), dim, c_.hidden_dim).transpose();
   }
   // x += W2 (silu(W1 rmsnorm(x)) * W3 rmsnorm(x))
   void ffn(int l) {
@@ -192,6 +237,9 @@ class Transformer {
   Config c_;
   Eigen::VectorXf x_, xb_, xb2_, q_, att_, k_, v_, h1_, h3_, logits_;
   Rope rope_;
+  // Row-wise work of prefill and decode_batch: rows x dim activations, their Q, K, V and FFN hidden rows.
+  Matrix Xb_, Ab_, XBr_, Qr_, Kr_, Vr_, H1r_, H3r_, Logits_;
+  std::vector<Rope> ropes_;
   KvTap tap_;
 };
 
