@@ -13,6 +13,8 @@
 //   batch.decode(layer, ids, Q, K, V, out);               // row r of Q [B x n_q*d], K, V [B x n_kv*d], out: ids[r]
 //   batch.remove(a);                                      // between steps
 //
+// fp16/bf16 engines pass their rows as kvtrim::half or kvtrim::bfloat16 spans (converted on the host, as KVCache).
+//
 // Every row is checked (shapes, positions, capacity, NaN/Inf, ids) before any sequence changes; a refused call
 // changes nothing. On the CPU the (sequence, KV head) pairs of a call are spread over the batch's threads; the
 // results are bit-identical for any thread count and equal to decoding the sequences one by one. Other backends
@@ -126,6 +128,16 @@ class KVBatch {
     for (std::size_t r = 0; r < B; ++r) seqs_[static_cast<std::size_t>(ids[r])]->next_pos_[layer] = pos[r] + 1;
   }
 
+  // The same step with half or bfloat16 rows (kv_cache.hpp, "fp16 / bf16 activations"): widened to float, run as
+  // above, the outputs rounded to A once the step has succeeded.
+  template <Activation16 A>
+  void decode(int layer, std::span<const int> ids, std::span<const A> Q, std::span<const A> K, std::span<const A> V,
+              std::span<A> out, std::span<const std::int64_t> positions = {}) {
+    Cache::host_inputs_only();
+    decode(layer, ids, io_.widen(0, Q), io_.widen(1, K), io_.widen(2, V), io_.output(out.size()), positions);
+    io_.narrow(out);
+  }
+
  private:
   using Impl = typename Backend::template Impl<P>;
 
@@ -180,6 +192,7 @@ class KVBatch {
   std::vector<std::shared_ptr<void>> scratch_;    // per (worker, sequence id)
   std::vector<std::exception_ptr> errors_;
   std::unique_ptr<detail::HeadPool> pool_;
+  detail::WidenedRows io_;  // float copies of 16-bit steps
 };
 
 }  // namespace kvtrim

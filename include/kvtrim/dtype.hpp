@@ -18,8 +18,10 @@
 #include <concepts>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace kvtrim {
 
@@ -145,5 +147,33 @@ template <StorageType T>
 constexpr void to_float(const T* in, float* out, std::size_t n) {
   for (std::size_t i = 0; i < n; ++i) out[i] = to_float(in[i]);
 }
+
+// The 16-bit types an engine's activations (queries, keys, values, attention outputs) may come in.
+template <class A>
+concept Activation16 = std::same_as<A, half> || std::same_as<A, bfloat16>;
+
+namespace detail {
+// Float copies of a call's 16-bit rows and its float output, kept between calls (after the first call of a given
+// size nothing is allocated).
+struct WidenedRows {
+  std::vector<float> in[3], out;
+  template <Activation16 A>
+  std::span<const float> widen(int i, std::span<const A> x) {
+    std::vector<float>& b = in[i];
+    b.resize(x.size());
+    to_float(x.data(), b.data(), x.size());
+    return b;
+  }
+  std::span<float> output(std::size_t n) {
+    out.resize(n);
+    return out;
+  }
+  // Rounds the float output into the caller's 16-bit span (after the call succeeded).
+  template <Activation16 A>
+  void narrow(std::span<A> y) const {
+    from_float(out.data(), y.data(), y.size());
+  }
+};
+}  // namespace detail
 
 }  // namespace kvtrim

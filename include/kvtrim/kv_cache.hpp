@@ -14,6 +14,7 @@
 #include <vector>
 
 #include "config.hpp"
+#include "dtype.hpp"
 #include "error.hpp"
 #include "policy.hpp"
 
@@ -109,6 +110,36 @@ class KVCache {
     const std::size_t qw = static_cast<std::size_t>(cfg_.n_q_heads) * cfg_.head_dim;
     KVTRIM_CHECK(out.size() == qw, "decode: out has ", out.size(), " floats; expected n_q_heads*head_dim = ", qw);
     return pos;
+  }
+
+  // ---- fp16 / bf16 activations --------------------------------------------------------------------------
+  // An engine that runs in half or bfloat16 passes its rows as they are: prefill, append, verify and decode take
+  // kvtrim::half or kvtrim::bfloat16 spans (same layouts, host memory). The rows widen to float exactly, the call
+  // runs in fp32 as above (the same checks and decisions as the float call on the widened rows), and the outputs
+  // are rounded to the input type (to nearest even) once the call has succeeded: a refused call leaves `out`
+  // untouched too. The float copies are kept, so a decode loop allocates nothing after its first step.
+  // A compile-time check: 16-bit rows are widened on the host, so they must live there (KVBatch uses it too).
+  static constexpr void host_inputs_only() {
+    static_assert(!requires(const typename Backend::template Impl<P>& i, const void* p) { i.is_device_memory(p); },
+                  "kvtrim: half/bfloat16 rows are converted on the host; a device backend takes float rows (or "
+                  "16-bit storage through CudaBackend<T> with float inputs)");
+  }
+  template <Activation16 A>
+  void prefill(int layer, std::span<const A> Q, std::span<const A> K, std::span<const A> V, std::span<A> out) {
+    widened(Q, K, V, out, [&](auto q, auto k, auto v, auto o) { prefill(layer, q, k, v, o); });
+  }
+  template <Activation16 A>
+  void append(int layer, std::span<const A> Q, std::span<const A> K, std::span<const A> V, std::span<A> out) {
+    widened(Q, K, V, out, [&](auto q, auto k, auto v, auto o) { append(layer, q, k, v, o); });
+  }
+  template <Activation16 A>
+  void verify(int layer, std::span<const A> Q, std::span<const A> K, std::span<const A> V, std::span<A> out) {
+    widened(Q, K, V, out, [&](auto q, auto k, auto v, auto o) { verify(layer, q, k, v, o); });
+  }
+  template <Activation16 A>
+  void decode(int layer, std::span<const A> q, std::span<const A> k, std::span<const A> v, std::span<A> out,
+              std::int64_t position = kNextPosition) {
+    widened(q, k, v, out, [&](auto q32, auto k32, auto v32, auto o) { decode(layer, q32, k32, v32, o, position); });
   }
 
   // ---- decide-only steps: the engine runs its own attention kernel over the kept rows -------------------
@@ -281,6 +312,13 @@ class KVCache {
       KVTRIM_CHECK(std::isfinite(x[i]), op, ": ", name, "[", i, "] is ", x[i],
                    "; inputs must be finite (NaN/Inf would make attention and eviction undefined)");
   }
+  // call(q, k, v, out) as float spans over the widened rows; then the output rounded into `out`.
+  template <Activation16 A, class Call>
+  void widened(std::span<const A> q, std::span<const A> k, std::span<const A> v, std::span<A> out, Call&& call) {
+    host_inputs_only();
+    call(io_.widen(0, q), io_.widen(1, k), io_.widen(2, v), io_.output(out.size()));
+    io_.narrow(out);
+  }
   template <class F>
   auto sum_heads(F f) const {
     decltype(f(impl_.head(0, 0))) total{};
@@ -296,6 +334,7 @@ class KVCache {
   typename Backend::template Impl<P> impl_;
   std::vector<std::int64_t> next_pos_;
   std::vector<char> pending_;  // per layer: an insert() waits for its observe()
+  detail::WidenedRows io_;     // float copies of 16-bit calls
 };
 
 }  // namespace kvtrim

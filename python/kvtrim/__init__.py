@@ -139,12 +139,32 @@ class Cache(_kvtrim.Cache):
         self.decode_into(layer, q, k, v, out, position)
         return out
 
-    def append(self, layer: int, Q, K, V, out=None, position: int = -1):
-        """T new tokens of one layer, each decoded in order (chunked decode); returns their outputs."""
+    def decode_rows(self, layer: int, Q, K, V, out=None, position: int = -1):
+        """T new tokens of one layer, each decoded in order (as T ``decode`` calls, at ``position``, ``position``
+        + 1, ... or the next positions); returns their outputs. A rejected row leaves the rows before it applied."""
         if out is None:
             out = _empty_like(Q)
         self._follow_stream(Q)
-        self.append_into(layer, Q, K, V, out, position)
+        self.decode_rows_into(layer, Q, K, V, out, position)
+        return out
+
+    def append(self, layer: int, Q, K, V, out=None):
+        """A chunk of T tokens after what the layer holds (chunked prefill, a new turn, accepted drafts): token t
+        attends to the kept tokens plus chunk tokens 0..t, every token gets the decode bookkeeping, and the policy
+        evicts once, after the chunk (C++ ``KVCache::append``). Returns the outputs (like Q)."""
+        if out is None:
+            out = _empty_like(Q)
+        self._follow_stream(Q)
+        self.append_into(layer, Q, K, V, out)
+        return out
+
+    def verify(self, layer: int, Q, K, V, out=None):
+        """Speculative drafts: the outputs ``append`` would return for these T tokens; the cache does not change.
+        Accept n drafts by ``append``-ing their rows (C++ ``KVCache::verify``)."""
+        if out is None:
+            out = _empty_like(Q)
+        self._follow_stream(Q)
+        self.verify_into(layer, Q, K, V, out)
         return out
 
     def _follow_stream(self, x) -> None:

@@ -17,7 +17,7 @@ Scope: batch size 1 (one kvtrim cache serves one sequence; the C++ API has no ba
 only (nothing is differentiable), float32 attention (other model dtypes are converted around the call).
 A forward of T > 1 tokens into an empty cache is a prompt (``prefill``: the policy compresses it) unless the
 cache was made with ``prompt="stream"``; T > 1 tokens into a non-empty cache are decoded one by one
-(``append``), which equals feeding them one per forward.
+(``decode_rows``), which equals feeding them one per forward.
 """
 
 from __future__ import annotations
@@ -223,7 +223,7 @@ def kvtrim_attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Te
     elif kv.next_position(layer) == 0 and first == 0 and cache.prompt == "compress":
         kv.prefill_into(layer, q, k, v, out_np)
     else:
-        kv.append_into(layer, q, k, v, out_np, first)
+        kv.decode_rows_into(layer, q, k, v, out_np, first)
     out = out.unsqueeze(0)
     return (out if dtype == torch.float32 else out.to(dtype)), None
 

@@ -162,17 +162,11 @@ class Cache {
   }
 
   void prefill(int layer, const In& Q, const In& K, const In& V, const Out& out) {
-    const auto& c = h_.cache->config();
-    const Arg q = check_array(Q, "prefill", "Q", c.n_q_heads, c.head_dim, true, h_);
-    const Arg k = check_array(K, "prefill", "K", c.n_kv_heads, c.head_dim, true, h_);
-    const Arg v = check_array(V, "prefill", "V", c.n_kv_heads, c.head_dim, true, h_);
-    const Arg o = check_array(out, "prefill", "out", c.n_q_heads, c.head_dim, true, h_);
-    same_rows("prefill", q, k, v, o);
-    same_memory("prefill", q, k, v, o);
+    const Rows r = rows_of("prefill", Q, K, V, out);
     Busy busy(*this);
     nb::gil_scoped_release release;
-    h_.cache->prefill(layer, span_of(q, q.rows * qw_), span_of(k, k.rows * kw_), span_of(v, v.rows * kw_),
-                      span_out(o, o.rows * qw_));
+    h_.cache->prefill(layer, span_of(r.q, r.q.rows * qw_), span_of(r.k, r.k.rows * kw_), span_of(r.v, r.v.rows * kw_),
+                      span_out(r.o, r.o.rows * qw_));
   }
 
   void decode(int layer, const In& q_, const In& k_, const In& v_, const Out& out, std::int64_t position) {
@@ -189,32 +183,31 @@ class Cache {
   // T new tokens of one layer, each through decode in order (token i attends to the kept tokens and tokens < i
   // of this call, as if decoded one by one), at positions position, position+1, ... (or the next ones).
   // A rejected row i leaves rows < i applied; the error names the row.
-  void append(int layer, const In& Q, const In& K, const In& V, const Out& out, std::int64_t position) {
-    const auto& c = h_.cache->config();
-    const Arg q = check_array(Q, "append", "Q", c.n_q_heads, c.head_dim, true, h_);
-    const Arg k = check_array(K, "append", "K", c.n_kv_heads, c.head_dim, true, h_);
-    const Arg v = check_array(V, "append", "V", c.n_kv_heads, c.head_dim, true, h_);
-    const Arg o = check_array(out, "append", "out", c.n_q_heads, c.head_dim, true, h_);
-    same_rows("append", q, k, v, o);
-    same_memory("append", q, k, v, o);
-    KVTRIM_CHECK(position >= kvtrim::kNextPosition, "append: position ", position,
+  void decode_rows(int layer, const In& Q, const In& K, const In& V, const Out& out, std::int64_t position) {
+    const Rows r = rows_of("decode_rows", Q, K, V, out);
+    KVTRIM_CHECK(position >= kvtrim::kNextPosition, "decode_rows: position ", position,
                  " must be >= 0 (or -1 for the next position)");
     Busy busy(*this);
     nb::gil_scoped_release release;
-    for (std::size_t t = 0; t < q.rows; ++t) {
+    for (std::size_t t = 0; t < r.q.rows; ++t) {
       const std::int64_t pos = position == kvtrim::kNextPosition ? kvtrim::kNextPosition
                                                                  : position + static_cast<std::int64_t>(t);
       try {
-        h_.cache->decode(layer, {q.data + t * qw_, qw_}, {k.data + t * kw_, kw_}, {v.data + t * kw_, kw_},
-                         {const_cast<float*>(o.data) + t * qw_, qw_}, pos);
+        h_.cache->decode(layer, {r.q.data + t * qw_, qw_}, {r.k.data + t * kw_, kw_}, {r.v.data + t * kw_, kw_},
+                         {const_cast<float*>(r.o.data) + t * qw_, qw_}, pos);
       } catch (const kvtrim::Error& e) {
-        if (q.rows == 1) throw;
+        if (r.q.rows == 1) throw;
         std::string what = e.what();
         if (what.rfind("kvtrim: ", 0) == 0) what.erase(0, 8);
-        kvtrim::detail::throw_error("append: row ", t, " of ", q.rows, " (rows before it were applied): ", what);
+        kvtrim::detail::throw_error("decode_rows: row ", t, " of ", r.q.rows, " (rows before it were applied): ", what);
       }
     }
   }
+
+  // KVCache::append (a chunk: causal attention over the kept tokens plus the chunk, the decode rule once after
+  // it) and KVCache::verify (the same outputs, nothing kept).
+  void append(int layer, const In& Q, const In& K, const In& V, const Out& out) { chunk(layer, Q, K, V, out, true); }
+  void verify(int layer, const In& Q, const In& K, const In& V, const Out& out) { chunk(layer, Q, K, V, out, false); }
 
   void reset() {
     idle();
@@ -269,6 +262,32 @@ class Cache {
   };
   void idle() const {
     KVTRIM_CHECK(!busy_.load(), "this cache is in use by another thread (a cache serves one thread at a time)");
+  }
+
+  // The [T, ...] arguments of a multi-token call, checked: same rows, same memory.
+  struct Rows {
+    Arg q, k, v, o;
+  };
+  Rows rows_of(const char* op, const In& Q, const In& K, const In& V, const Out& out) const {
+    const auto& c = h_.cache->config();
+    const Rows r{check_array(Q, op, "Q", c.n_q_heads, c.head_dim, true, h_),
+                 check_array(K, op, "K", c.n_kv_heads, c.head_dim, true, h_),
+                 check_array(V, op, "V", c.n_kv_heads, c.head_dim, true, h_),
+                 check_array(out, op, "out", c.n_q_heads, c.head_dim, true, h_)};
+    same_rows(op, r.q, r.k, r.v, r.o);
+    same_memory(op, r.q, r.k, r.v, r.o);
+    return r;
+  }
+  void chunk(int layer, const In& Q, const In& K, const In& V, const Out& out, bool keep) {
+    const Rows r = rows_of(keep ? "append" : "verify", Q, K, V, out);
+    Busy busy(*this);
+    nb::gil_scoped_release release;
+    const auto q = span_of(r.q, r.q.rows * qw_), k = span_of(r.k, r.k.rows * kw_), v = span_of(r.v, r.v.rows * kw_);
+    const auto o = span_out(r.o, r.o.rows * qw_);
+    if (keep)
+      h_.cache->append(layer, q, k, v, o);
+    else
+      h_.cache->verify(layer, q, k, v, o);
   }
 
   static void same_rows(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o) {
@@ -385,8 +404,12 @@ NB_MODULE(_kvtrim, m) {
            "Prompt of T tokens for one layer; writes causal attention into out, then the policy compresses.")
       .def("decode_into", &Cache::decode, "layer"_a, "q"_a, "k"_a, "v"_a, "out"_a, "position"_a = kvtrim::kNextPosition,
            "One new token for one layer; writes attention over the kept tokens into out.")
-      .def("append_into", &Cache::append, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a,
+      .def("decode_rows_into", &Cache::decode_rows, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a,
            "position"_a = kvtrim::kNextPosition, "T new tokens of one layer, decoded one after another.")
+      .def("append_into", &Cache::append, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a,
+           "A chunk of T tokens: causal attention over the kept tokens plus the chunk; the policy evicts once, after it.")
+      .def("verify_into", &Cache::verify, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a,
+           "The outputs append would write for T draft tokens; the cache does not change.")
       .def("reset", &Cache::reset, "Forget every token (a new sequence); budgets and parameters stay.")
       .def("size", [](const Cache& c, int l, int h) { return c.any().size(l, h); }, "layer"_a, "kv_head"_a)
       .def("budget", [](const Cache& c, int l, int h) { return c.any().budget(l, h); }, "layer"_a, "kv_head"_a)

@@ -140,15 +140,55 @@ def test_torch_cpu_tensors_are_used_in_place():
     assert np.abs(np_out).sum() > 0
 
 
-def test_append_equals_one_decode_per_token():
+def test_decode_rows_equals_one_decode_per_token():
     rng = np.random.default_rng(6)
     T = 40
     Q, K, V = rand(rng, T, HQ, D), rand(rng, T, H, D), rand(rng, T, H, D)
     a, b = make("h2o", 10), make("h2o", 10)
-    out = a.append(0, Q, K, V, position=5)
+    out = a.decode_rows(0, Q, K, V, position=5)
     for t in range(T):
         np.testing.assert_array_equal(out[t], b.decode(0, Q[t], K[t], V[t], position=5 + t))
     assert a.positions(0, 0).tolist() == b.positions(0, 0).tolist() and a.next_position(0) == 5 + T
+
+
+def test_append_attends_to_kept_tokens_plus_the_chunk_then_evicts_once():
+    # StreamingLLM keeps the sinks and the newest tokens, so the kept set before and after a chunk is known by hand.
+    rng = np.random.default_rng(9)
+    P, T, budget, sinks = 20, 12, 10, 2
+    Q, K, V = rand(rng, P + T, HQ, D), rand(rng, P + T, H, D), rand(rng, P + T, H, D)
+    cache = make("streaming", budget, params={"sinks": sinks})
+    cache.prefill(0, Q[:P], K[:P], V[:P])
+    kept = list(range(sinks)) + list(range(P - (budget - sinks), P))
+    assert cache.positions(0, 0).tolist() == kept
+    out = cache.append(0, Q[P:], K[P:], V[P:])
+    for t in range(T):  # token P+t sees the kept tokens and chunk tokens 0..t: no eviction inside the chunk
+        seen = kept + list(range(P, P + t + 1))
+        np.testing.assert_allclose(out[t], naive_attention(Q[P + t], K[seen], V[seen]), rtol=2e-5, atol=2e-5)
+    assert cache.positions(0, 0).tolist() == list(range(sinks)) + list(range(P + T - (budget - sinks), P + T))
+    assert cache.next_position(0) == P + T and cache.size(0, 0) == budget
+    # once the head is full, decode_rows (an eviction after every token) sees fewer tokens than append
+    other = make("streaming", budget, params={"sinks": sinks})
+    other.prefill(0, Q[:P], K[:P], V[:P])
+    assert not np.allclose(other.decode_rows(0, Q[P:], K[P:], V[P:])[-1], out[-1], atol=1e-4)
+
+
+def test_verify_changes_nothing_and_gives_appends_outputs():
+    rng = np.random.default_rng(10)
+    a, b = make("h2o", 16), make("h2o", 16)
+    for _ in range(30):
+        q, k, v = rand(rng, HQ, D), rand(rng, H, D), rand(rng, H, D)
+        np.testing.assert_array_equal(a.decode(0, q, k, v), b.decode(0, q, k, v))
+    Q, K, V = rand(rng, 5, HQ, D), rand(rng, 5, H, D), rand(rng, 5, H, D)
+    state = (a.positions(0, 0).tolist(), a.positions(0, 1).tolist(), a.next_position(0), a.evictions, a.bytes_used)
+    drafts = a.verify(0, Q, K, V)
+    assert state == (a.positions(0, 0).tolist(), a.positions(0, 1).tolist(), a.next_position(0), a.evictions,
+                     a.bytes_used)
+    accepted = 3  # the first three drafts are accepted: appending them gives the verified outputs
+    np.testing.assert_array_equal(b.append(0, Q[:accepted], K[:accepted], V[:accepted]), drafts[:accepted])
+    np.testing.assert_array_equal(a.append(0, Q[:accepted], K[:accepted], V[:accepted]), drafts[:accepted])
+    assert a.positions(0, 0).tolist() == b.positions(0, 0).tolist() and a.next_position(0) == 30 + accepted
+    with pytest.raises(kvtrim.Error, match="verify: .*same number of rows"):
+        a.verify(0, Q, K[:4], V)
 
 
 def test_threads_give_identical_results():
