@@ -11,7 +11,8 @@
 //      output rows;
 //   3. sequences that are done (the model ended the story, or --steps positions) leave (KVBatch::remove) and
 //      the next prompt takes the free row.
-// Activations are float32: the CPU backend takes and stores fp32 (fp16/bf16 inputs are the GPU backend's).
+// Activations are float32 here; an fp16/bf16 engine hands the same calls kvtrim::half or kvtrim::bfloat16 spans
+// (kv_cache.hpp, "fp16 / bf16 activations"). The CPU backend stores fp32.
 //
 // --check replays every story one sequence at a time through the single-sequence path (Transformer::decode
 // into a KVCache of the same policy, fed the tokens the batch produced) and compares the logits of every
