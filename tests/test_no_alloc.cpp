@@ -75,15 +75,6 @@ long allocations_during(F&& f) {
 template <class P>
 constexpr bool kNeverEvicts = kvtrim::never_evicts_in_decode<P>();
 
-// The registry's parameters (identity bases for low-rank storage).
-template <class P>
-typename P::Params params_for_test(const kvtrim::CacheConfig& cfg) {
-  auto p = kvtrim::entry_of<P>().params();
-  if constexpr (kvtrim::Entry<P>::kNeedsBasis)
-    p.basis = std::make_shared<const kvtrim::EigenBasis>(cfg.n_layers, cfg.n_kv_heads, cfg.head_dim);
-  return p;
-}
-
 // Prefill, warm up, then count allocations over many decode steps (long enough for BUZZ to re-segment
 // and for every policy to evict).
 template <class P>
@@ -92,7 +83,7 @@ void check_no_alloc(int threads) {
   cfg.threads = threads;
   const int prompt = 100, warm = 200, counted = 600;
   Tokens tok(cfg, prompt + warm + counted, 99);
-  kvtrim::KVCache<P> cache(cfg, params_for_test<P>(cfg));
+  kvtrim::KVCache<P> cache(cfg, kvtest::registry_params<P>(cfg));
   const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
   for (int l = 0; l < cfg.n_layers; ++l) {
     auto Q = Tokens::rows(tok.q, 0, prompt), K = Tokens::rows(tok.k, 0, prompt), V = Tokens::rows(tok.v, 0, prompt);
@@ -126,7 +117,7 @@ void check_threads_identical(int threads, int n_kv, int group) {
   one.head_budgets = many.head_budgets;
   const int prompt = 70, total = 260;
   Tokens tok(one, total, 1234);
-  kvtrim::KVCache<P> a(one, params_for_test<P>(one)), b(many, params_for_test<P>(many));
+  kvtrim::KVCache<P> a(one, kvtest::registry_params<P>(one)), b(many, kvtest::registry_params<P>(many));
   REQUIRE(b.backend().threads() == std::min(threads, n_kv));
   for (int l = 0; l < one.n_layers; ++l) {
     auto Q = Tokens::rows(tok.q, 0, prompt), K = Tokens::rows(tok.k, 0, prompt), V = Tokens::rows(tok.v, 0, prompt);

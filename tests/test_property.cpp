@@ -14,10 +14,7 @@ struct RegistrySpec : kvtest::prop::SpecBase<P> {
   static constexpr int kMinBudget = 36;
   static constexpr int kMaxBudget = 48;
   static typename P::Params params(kvtest::Rng&, const kvtrim::CacheConfig& c, int) {
-    auto p = kvtrim::entry_of<P>().params();
-    if constexpr (kvtrim::Entry<P>::kNeedsBasis)
-      p.basis = std::make_shared<const kvtrim::EigenBasis>(c.n_layers, c.n_kv_heads, c.head_dim);  // identity
-    return p;
+    return kvtest::registry_params<P>(c);  // identity bases for low-rank storage
   }
 };
 
