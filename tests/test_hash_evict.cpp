@@ -122,6 +122,45 @@ TEST_CASE("simhash codes are the signs of the projections, packed; hamming count
   REQUIRE(kvtrim::hamming(0x5, 0x5) == 0);
 }
 
+TEST_CASE("code_by_columns gives code()'s bits for every width", "[simhash]") {
+  // 8, 16, 32 and 64 bits take the vectorised path, the others the portable loop; both must be code() exactly.
+  kvtest::Rng rng(41);
+  for (int bits : {1, 5, 8, 12, 16, 20, 32, 33, 63, 64})
+    for (int dim : {1, 7, 24, 64, 128}) {
+      const SimHashProjection P(dim, bits, static_cast<std::uint64_t>(bits * 1000 + dim));
+      for (int trial = 0; trial < 20; ++trial) {
+        std::vector<float> x = rng.normal(static_cast<std::size_t>(dim));
+        if (trial == 0) std::fill(x.begin(), x.end(), 0.0f);  // every projection an exact 0: all bits 1
+        INFO("bits " << bits << ", dim " << dim << ", trial " << trial);
+        REQUIRE(P.code_by_columns(x.data()) == P.code(x.data()));
+      }
+    }
+}
+
+TEST_CASE("HashEvict's packed probes give the sum of Hamming distances", "[hash]") {
+  // distance() packs 64 / bits probes to a word; against the plain sum over the probes, for widths where the
+  // probes fill one word, part of one, several words with a partial last one, or one word each.
+  kvtest::Rng rng(43);
+  for (int bits : {1, 5, 8, 12, 16, 20, 21, 32, 33, 64})
+    for (int group : {1, 2, 3, 4, 7, 8, 13, 64}) {
+      const HashEvict pol({.bits = bits}, kvtrim::LayerContext{0, 1, 1, group, 8, {32}});
+      HashEvict::State s = pol.initial(0, 32);
+      const std::uint64_t mask = bits == 64 ? ~std::uint64_t{0} : (std::uint64_t{1} << bits) - 1;
+      std::vector<std::uint64_t> probes(static_cast<std::size_t>(group));
+      for (auto& q : probes) q = rng.gen() & mask;
+      HashEvict::SlotMeta m;
+      kvtrim::TokenInputs in{nullptr, 8, group, false, probes[0], probes.data()};
+      HashEvict::on_insert(s, m, 0, in);
+      for (int trial = 0; trial < 50; ++trial) {
+        const std::uint64_t code = trial == 0 ? mask : rng.gen() & mask;
+        int want = 0;
+        for (auto q : probes) want += count_bits(q ^ code);
+        INFO("bits " << bits << ", group " << group << ", code " << code);
+        REQUIRE(HashEvict::distance(s, code) == want);
+      }
+    }
+}
+
 TEST_CASE("SimHashProjection rejects bad shapes", "[simhash][errors]") {
   using Catch::Contains;
   REQUIRE_THROWS_WITH(SimHashProjection(8, 0, 1), Contains("bits must be in 1..64") && Contains("got 0"));
@@ -361,6 +400,14 @@ TEST_CASE("HashEvict matches a plain-loop reference over thousands of steps", "[
   SECTION("GQA, query probe, hash-based prompt compression") {
     run_differential({.n_layers = 2, .n_kv_heads = 1, .n_q_heads = 4, .head_dim = 16, .budget = 24},
                      {.bits = 12, .sinks = 3, .recent = 4, .prompt = HashPromptMode::kHash, .seed = 9}, 80, 2000, 4);
+  }
+  SECTION("GQA, 8 query heads, 20 bits: the probes span three words, the last one partly") {
+    run_differential({.n_layers = 1, .n_kv_heads = 2, .n_q_heads = 16, .head_dim = 16, .budget = 24},
+                     {.bits = 20, .sinks = 2, .recent = 3, .seed = 11}, 40, 1500, 6);
+  }
+  SECTION("GQA, 4 query heads, 64 bits: one probe per word") {
+    run_differential({.n_layers = 1, .n_kv_heads = 1, .n_q_heads = 4, .head_dim = 16, .budget = 20},
+                     {.bits = 64, .sinks = 1, .recent = 2, .seed = 12}, 30, 1500, 7);
   }
   SECTION("MHA, key probe, hash-based prompt compression") {
     run_differential({.n_layers = 1, .n_kv_heads = 3, .n_q_heads = 3, .head_dim = 8, .budget = 16},

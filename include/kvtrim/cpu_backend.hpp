@@ -95,7 +95,7 @@ class CpuBackend::Impl {
     b.add(heads, size(sizeof(Head) + 2 * sizeof(State) + 2 * sizeof(int)));
     // per thread: probabilities [g x (budget + 1)] and the selection scratch
     const double threads = std::min(cfg.threads, H);
-    const double scratch = g * size(sizeof(float)) + size(4 * sizeof(float) + 2 * sizeof(int) + sizeof(Meta) +
+    const double scratch = g * size(sizeof(float)) + size(5 * sizeof(float) + 2 * sizeof(int) + sizeof(Meta) +
                                                           sizeof(std::uint64_t));
     b.add(threads, (max_budget + 1) * scratch);
     return b;
@@ -260,9 +260,10 @@ class CpuBackend::Impl {
         for (int r = 0; r < g; ++r)
           std::copy_n(probs + static_cast<std::size_t>(kv * g + r) * stride, h.size(),
                       p + static_cast<std::size_t>(r) * h.size());
-        cpu::observe<P>(h.meta_data(), h.size(), states_[i], p, g, s.select);
+        observe_then_evict(layer, kv, p, s);
+      } else if constexpr (P::kTiming == EvictTiming::kAfterAttention) {
+        evict(layer, kv, s);
       }
-      if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(layer, kv, s);
     });
   }
 
@@ -334,6 +335,20 @@ class CpuBackend::Impl {
       cpu::evict_to_limit<P>(h, states_[i], limits_[i], layer, kv, s.select);
   }
 
+  // A step's probabilities (packed [group x size]) reach the head's slots, then the eviction after attention if
+  // the policy has one; plain one-at-a-time eviction finds its first victim in the same pass.
+  void observe_then_evict(int layer, int kv, const float* probs, Scratch& s) {
+    const std::size_t i = index(layer, kv);
+    Head& h = heads_[i];
+    const int g = cfg_.group_size();
+    if constexpr (P::kTiming == EvictTiming::kAfterAttention && !kStructured && !kMerges) {
+      cpu::observe_and_evict<P>(h, states_[i], probs, g, limits_[i], layer, kv, s.select);
+    } else {
+      cpu::observe<P>(h.meta_data(), h.size(), states_[i], probs, g, s.select);
+      if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(layer, kv, s);
+    }
+  }
+
   // A token's query group, key and value rows as the head stores them: projected into the low-rank space for
   // low-rank storage (in the scratch), the inputs themselves otherwise.
   struct StoredRows {
@@ -369,8 +384,10 @@ class CpuBackend::Impl {
     detail::attend(h.key_ptr(0), h.value_ptr(0), n, h.key_dim(), h.value_dim(), qg, g,
                    1.0f / std::sqrt(static_cast<float>(d)), s.probs.data(), o);
     if constexpr (kProjects) pol.unproject_outputs(kv, g, s.o_low.data(), oh);
-    if constexpr (kAttention) cpu::observe<P>(h.meta_data(), n, states_[i], s.probs.data(), g, s.select);
-    if constexpr (P::kTiming == EvictTiming::kAfterAttention) evict(layer, kv, s);
+    if constexpr (kAttention)
+      observe_then_evict(layer, kv, s.probs.data(), s);
+    else if constexpr (P::kTiming == EvictTiming::kAfterAttention)
+      evict(layer, kv, s);
     KVTRIM_CHECK(h.size() <= h.budget(), P::kName, " left ", h.size(), " tokens in layer ", layer, " KV head ", kv,
                  " over its budget of ", h.budget());
   }

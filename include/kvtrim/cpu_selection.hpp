@@ -13,8 +13,11 @@
 #pragma once
 
 #include <algorithm>
+#include <array>
+#include <bit>
 #include <cmath>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include <Eigen/Core>
@@ -52,7 +55,7 @@ inline void dispatch(F&& f) {
 // Per-thread scratch of the selection loops, reserved for the largest head (decode allocates nothing).
 template <class Meta>
 struct SelectScratch {
-  std::vector<float> reduced, dots;
+  std::vector<float> reduced, scores, dots;
   std::vector<std::uint32_t> ranks;
   std::vector<int> keys, order;
   std::vector<Meta> metas;
@@ -60,6 +63,7 @@ struct SelectScratch {
   void reserve(int n) {
     const auto z = static_cast<std::size_t>(n);
     reduced.reserve(z);
+    scores.reserve(z);
     ranks.reserve(z);
     dots.reserve(z);
     keys.reserve(z);
@@ -68,8 +72,34 @@ struct SelectScratch {
   }
 };
 
-// out[i] = the group's probabilities of slot i made one (AttentionRows::reduce's arithmetic and order).
+// out[i] = the group's probabilities of slot i made one (AttentionRows::reduce's arithmetic and order). One pass
+// over the rows for the usual group sizes (a compile-time G), a pass per row otherwise.
+template <int G>
+KVTRIM_ALWAYS_INLINE void reduce_rows(const float* P, int n, GroupReduce how, float* out) {
+  const auto at = [&](int r, int i) KVTRIM_INLINE_LAMBDA { return P[static_cast<std::size_t>(r) * n + i]; };
+  if (how == GroupReduce::kMax) {
+    for (int i = 0; i < n; ++i) {
+      float x = at(0, i);
+      for (int r = 1; r < G; ++r) x = at(r, i) > x ? at(r, i) : x;
+      out[i] = x;
+    }
+    return;
+  }
+  const float gf = how == GroupReduce::kMean ? static_cast<float>(G) : 1.0f;  // x / 1 = x exactly
+  for (int i = 0; i < n; ++i) {
+    float x = at(0, i);
+    for (int r = 1; r < G; ++r) x += at(r, i);
+    out[i] = x / gf;
+  }
+}
 KVTRIM_ALWAYS_INLINE void reduce_group(const float* P, int g, int n, GroupReduce how, float* out) {
+  switch (g) {
+    case 1: return reduce_rows<1>(P, n, how, out);
+    case 2: return reduce_rows<2>(P, n, how, out);
+    case 4: return reduce_rows<4>(P, n, how, out);
+    case 8: return reduce_rows<8>(P, n, how, out);
+    default: break;
+  }
   std::copy(P, P + n, out);
   for (int r = 1; r < g; ++r) {
     const float* row = P + static_cast<std::size_t>(r) * n;
@@ -85,17 +115,45 @@ KVTRIM_ALWAYS_INLINE void reduce_group(const float* P, int g, int n, GroupReduce
   }
 }
 
-// The step's probabilities P [g x n] (row stride n) reach every slot's metadata.
+// One slot's rule applied to a copy, every field loaded before any is stored. In place, the vectoriser stores
+// some fields and then loads others from the same cache line: a store-forwarding stall per slot. Metadata of
+// one or two 4-byte words moves as words, which it also vectorises on the store side (H2O's: 1.37 ns per slot in
+// place, 0.55 as a copy, 0.14 as words, measured in isolation on this project's 2-core AVX2 machine).
+template <class Meta, class F>
+KVTRIM_ALWAYS_INLINE void update_slot(Meta* meta, int i, F&& rule) {
+  if constexpr (sizeof(Meta) % 4 == 0 && sizeof(Meta) <= 8) {
+    using Words = std::array<std::uint32_t, sizeof(Meta) / 4>;
+    Words w;
+    char* at = reinterpret_cast<char*>(meta + i);
+    std::memcpy(&w[0], at, 4);  // word by word, no inner loop: the slot loop stays innermost
+    if constexpr (w.size() == 2) std::memcpy(&w[1], at + 4, 4);
+    Meta m = std::bit_cast<Meta>(w);
+    rule(m);
+    w = std::bit_cast<Words>(m);
+    std::memcpy(at, &w[0], 4);
+    if constexpr (w.size() == 2) std::memcpy(at + 4, &w[1], 4);
+  } else {
+    Meta m = meta[i];
+    rule(m);
+    meta[i] = m;
+  }
+}
+
+// The step's probabilities P [g x n] (row stride n) reach every slot's metadata (r: n floats of scratch).
+template <class P, class Meta>
+KVTRIM_ALWAYS_INLINE void observe_slots(Meta* meta, int n, const typename P::State& s, const float* probs, int g,
+                                        float* r) {
+  const int count = n;  // locals: the metadata stores cannot alias them, so the loop vectorises
+  const typename P::State st = s;
+  reduce_group(probs, g, count, P::group_reduce(st), r);
+  for (int i = 0; i < count; ++i)
+    update_slot(meta, i, [&](Meta& m) KVTRIM_INLINE_LAMBDA { P::on_attention(st, m, r[i]); });
+}
 template <class P, class Meta>
 void observe(Meta* meta, int n, const typename P::State& s, const float* probs, int g, SelectScratch<Meta>& sc) {
   sc.reduced.resize(static_cast<std::size_t>(n));
   float* r = sc.reduced.data();
-  dispatch([&]() KVTRIM_INLINE_LAMBDA {
-    const int count = n;  // locals: the metadata stores cannot alias them, so the loop vectorises
-    const typename P::State st = s;
-    reduce_group(probs, g, count, P::group_reduce(st), r);
-    for (int i = 0; i < count; ++i) P::on_attention(st, meta[i], r[i]);
-  });
+  dispatch([&]() KVTRIM_INLINE_LAMBDA { observe_slots<P>(meta, n, s, probs, g, r); });
 }
 
 // The unprotected slot with the lowest score (oldest on ties), or -1 when every slot is protected: the sequential
@@ -112,44 +170,112 @@ int lowest_unprotected_scan(const Meta* meta, const std::int64_t* pos, int n, co
   return best.slot;
 }
 
-// The same slot in passes that vectorise: each slot's score as an order-preserving integer (select.hpp's
-// ordered_bits; a protected slot gets the largest), their minimum, then the oldest slot holding it. Equal floats
-// (-0 and +0 included) map to equal integers, so the tie rule is the scan's. When no finite unprotected score
-// exists, or a score is NaN (check_finite off), the sequential scan decides.
-template <class P, class Meta>
-int lowest_unprotected(const Meta* meta, const std::int64_t* pos, int n, const typename P::State& s,
-                       std::int64_t newest, SelectScratch<Meta>& sc) {
-  sc.ranks.resize(static_cast<std::size_t>(n));
-  std::uint32_t* key = sc.ranks.data();
-  constexpr std::uint32_t kProtected = 0xffffffffu;
-  int best = -1;
-  bool exact = true;
-  dispatch([&]() KVTRIM_INLINE_LAMBDA {
-    // locals: the stores cannot alias them, so the loops vectorise
-    const int count = n;
-    const std::int64_t last = newest;
-    const typename P::State st = s;
-    std::uint32_t nan = 0;  // an integer OR reduction (a bool one does not vectorise)
-    for (int i = 0; i < count; ++i) {
-      const float score = P::score(st, meta[i], pos[i], last);
-      const bool prot = P::protects(st, meta[i], pos[i], last);
-      nan |= static_cast<std::uint32_t>(score != score);
-      key[i] = ordered_bits(score) | (0u - static_cast<std::uint32_t>(prot));  // protected: all ones
-    }
-    std::uint32_t m = kProtected;
-    for (int i = 0; i < count; ++i) m = key[i] < m ? key[i] : m;
-    if (nan || m >= ordered_bits(INFINITY)) {
-      exact = false;
-      return;
-    }
+// The oldest slot whose key is m; newest: a position no slot exceeds. Many slots may tie (StreamingLLM scores
+// every slot alike). While positions fit 31 bits, each slot's age + 1 (newest - pos + 1) is a 32-bit integer:
+// the largest among the slots holding m comes from a loop that vectorises, and blocks of 32 are tested at once
+// for the slot that has both (a fixed-length minimum, 0 on a match). Beyond that, a scan of the 64-bit positions.
+KVTRIM_ALWAYS_INLINE int oldest_with_key(const std::uint32_t* key, const std::int64_t* pos, int n, std::uint32_t m,
+                                         std::int64_t newest) {
+  if (newest < 0 || newest >= (std::int64_t{1} << 31)) {
+    int best = -1;
     std::int64_t best_pos = INT64_MAX;
-    for (int i = 0; i < count; ++i)
+    for (int i = 0; i < n; ++i)
       if (key[i] == m && pos[i] < best_pos) {
         best = i;
         best_pos = pos[i];
       }
+    return best;
+  }
+  const std::int64_t last = newest;
+  const auto age1 = [&](int i) KVTRIM_INLINE_LAMBDA { return static_cast<std::uint32_t>(last - pos[i]) + 1u; };
+  std::uint32_t oldest = 0;  // age + 1 of the oldest slot holding m (0: none)
+  for (int i = 0; i < n; ++i) {
+    const std::uint32_t a = age1(i) & (0u - static_cast<std::uint32_t>(key[i] == m));  // masks, not a branch
+    oldest = a > oldest ? a : oldest;
+  }
+  if (oldest == 0) return -1;
+  const auto differs = [&](int i) KVTRIM_INLINE_LAMBDA { return (key[i] ^ m) | (age1(i) ^ oldest); };
+  constexpr int kBlock = 32;
+  int i0 = 0;
+  for (; i0 + kBlock <= n; i0 += kBlock) {
+    std::uint32_t z = 0xffffffffu;
+    for (int j = 0; j < kBlock; ++j) z = differs(i0 + j) < z ? differs(i0 + j) : z;
+    if (z != 0) continue;
+    for (int i = i0; i < i0 + kBlock; ++i)
+      if (differs(i) == 0) return i;
+  }
+  for (int i = i0; i < n; ++i)
+    if (differs(i) == 0) return i;
+  return -1;
+}
+
+// The slot with the lowest score_of(i) among those not excluded(i), the oldest (pos) on ties: the rule of
+// lowest_unprotected_scan, in passes that vectorise. Each score becomes an order-preserving integer (select.hpp's
+// ordered_bits; an excluded slot gets the largest), then their minimum, then the oldest slot holding it. Equal
+// floats (-0 and +0 included) map to equal integers, so the tie rule is the scan's. Returns -1 when every slot is
+// excluded, -2 when no finite candidate score exists or a score is NaN (check_finite off): then the caller's
+// sequential scan decides. newest: no slot's position exceeds it; score, key: n floats / integers of scratch.
+template <class ScoreOf, class Excluded>
+KVTRIM_ALWAYS_INLINE int lowest_key(int n, const std::int64_t* pos, std::int64_t newest, float* score,
+                                    std::uint32_t* key, ScoreOf&& score_of, Excluded&& excluded) {
+  constexpr std::uint32_t kExcluded = 0xffffffffu;
+  const int count = n;                           // a local: the stores cannot alias it, so the loops vectorise
+  std::uint32_t nan = 0, m = kExcluded;          // integer reductions (a bool one does not vectorise)
+  // the scores in their own loop: one that does not vectorise (a popcount) leaves the others vectorised
+  for (int i = 0; i < count; ++i) score[i] = score_of(i);
+  for (int i = 0; i < count; ++i) {
+    const float sc = score[i];
+    nan |= static_cast<std::uint32_t>(sc != sc);
+    key[i] = ordered_bits(sc) | (0u - static_cast<std::uint32_t>(excluded(i)));  // excluded: all ones
+  }
+  for (int i = 0; i < count; ++i) m = key[i] < m ? key[i] : m;  // its own loop: fused in, neither vectorises
+  if (nan || m >= ordered_bits(INFINITY)) return m == kExcluded && !nan ? -1 : -2;
+  return oldest_with_key(key, pos, count, m, newest);
+}
+
+// lowest_key over a policy's scores, protected slots excluded.
+template <class P, class Meta>
+KVTRIM_ALWAYS_INLINE int lowest_key_pass(const Meta* meta, const std::int64_t* pos, int n,
+                                         const typename P::State& s, std::int64_t newest, float* score,
+                                         std::uint32_t* key) {
+  const std::int64_t last = newest;  // locals: the stores cannot alias them
+  const typename P::State st = s;
+  return lowest_key(
+      n, pos, last, score, key, [&](int i) KVTRIM_INLINE_LAMBDA { return P::score(st, meta[i], pos[i], last); },
+      [&](int i) KVTRIM_INLINE_LAMBDA { return P::protects(st, meta[i], pos[i], last); });
+}
+
+// The unprotected slot with the lowest score (oldest on ties), or -1 when every slot is protected.
+template <class P, class Meta>
+int lowest_unprotected(const Meta* meta, const std::int64_t* pos, int n, const typename P::State& s,
+                       std::int64_t newest, SelectScratch<Meta>& sc) {
+  sc.scores.resize(static_cast<std::size_t>(n));
+  sc.ranks.resize(static_cast<std::size_t>(n));
+  float* score = sc.scores.data();
+  std::uint32_t* key = sc.ranks.data();
+  int best = -2;
+  dispatch([&]() KVTRIM_INLINE_LAMBDA { best = lowest_key_pass<P>(meta, pos, n, s, newest, score, key); });
+  return best >= -1 ? best : lowest_unprotected_scan<P>(meta, pos, n, s, newest);
+}
+
+// observe() and the first lowest_unprotected() of the eviction after it under one dispatch, while the slots are
+// in the L1 cache (policies that evict one victim at a time after attention). Returns the victim, or -1 when
+// every slot is protected.
+template <class P, class Meta>
+int observe_and_pick(Meta* meta, const std::int64_t* pos, int n, const typename P::State& s, const float* probs,
+                     int g, std::int64_t newest, SelectScratch<Meta>& sc) {
+  sc.reduced.resize(static_cast<std::size_t>(n));
+  sc.scores.resize(static_cast<std::size_t>(n));
+  sc.ranks.resize(static_cast<std::size_t>(n));
+  float* r = sc.reduced.data();
+  float* score = sc.scores.data();
+  std::uint32_t* key = sc.ranks.data();
+  int best = -2;
+  dispatch([&]() KVTRIM_INLINE_LAMBDA {
+    observe_slots<P>(meta, n, s, probs, g, r);
+    best = lowest_key_pass<P>(meta, pos, n, s, newest, score, key);
   });
-  return exact ? best : lowest_unprotected_scan<P>(meta, pos, n, s, newest);
+  return best >= -1 ? best : lowest_unprotected_scan<P>(meta, pos, n, s, newest);
 }
 
 // The error when a head must shrink but every token it holds is protected.
@@ -170,6 +296,18 @@ void evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::State&
   }
 }
 
+// observe(), then evict_to_limit() with its first victim found in the same pass over the slots (policies that
+// evict one victim at a time after attention).
+template <class P>
+void observe_and_evict(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, const float* probs, int g,
+                       int limit, int layer, int kv, SelectScratch<typename P::SlotMeta>& sc) {
+  if (h.size() <= limit) return observe<P>(h.meta_data(), h.size(), s, probs, g, sc);
+  const int v = observe_and_pick<P>(h.meta_data(), h.pos_data(), h.size(), s, probs, g, h.newest_pos(), sc);
+  if (v < 0) all_protected<P>(layer, kv, h.size(), limit);
+  h.remove(v);
+  evict_to_limit<P>(h, s, limit, layer, kv, sc);
+}
+
 // kMerges policies: while over the limit, the victim (lowest merge_score among the unprotected, oldest on ties)
 // folds into the absorbing slot with the most similar key (cosine, older on ties) when that reaches the
 // policy's threshold, else it is evicted. `norms` holds every slot's key norm and follows the slots.
@@ -182,29 +320,61 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
     const Meta* meta = h.meta_data();
     const std::int64_t* pos = h.pos_data();
     const std::int64_t newest = h.newest_pos();
+    sc.scores.resize(static_cast<std::size_t>(n));
+    sc.ranks.resize(static_cast<std::size_t>(n));
+    float* score = sc.scores.data();
+    std::uint32_t* key = sc.ranks.data();
     typename P::Stats st{};
-    VictimKey best;
+    int v = -2;
     dispatch([&]() KVTRIM_INLINE_LAMBDA {
-      for (int i = 0; i < n; ++i) st = P::combine(st, P::stats_of(meta[i]));
+      const typename P::State ls = s;  // locals: the stores cannot alias them
+      // four running reductions, combined at the end: a reduction is order-free (the GPU reduces in a tree), and
+      // one chain of dependent maxima would wait on each step's latency
+      typename P::Stats part[4] = {};
+      int at = 0;
+      for (; at + 4 <= n; at += 4)
+        for (int k = 0; k < 4; ++k) part[k] = P::combine(part[k], P::stats_of(meta[at + k]));
+      for (; at < n; ++at) part[0] = P::combine(part[0], P::stats_of(meta[at]));
+      const typename P::Stats lst = P::combine(P::combine(part[0], part[1]), P::combine(part[2], part[3]));
+      st = lst;
+      v = lowest_key(
+          n, pos, newest, score, key, [&](int i) KVTRIM_INLINE_LAMBDA { return P::merge_score(ls, lst, meta[i]); },
+          [&](int i) KVTRIM_INLINE_LAMBDA { return P::protects(ls, meta[i], pos[i], newest); });
+    });
+    if (v == -2) {  // NaN or no finite score: the sequential scan
+      VictimKey best;
       for (int i = 0; i < n; ++i) {
         if (P::protects(s, meta[i], pos[i], newest)) continue;
-        const float sc2 = P::merge_score(s, st, meta[i]);
-        if (best.slot < 0 || evicts_before(sc2, pos[i], best.score, best.pos)) best = VictimKey{sc2, pos[i], i};
+        best = better_victim(best, VictimKey{P::merge_score(s, st, meta[i]), pos[i], i});
       }
-    });
-    const int v = best.slot;
+      v = best.slot;
+    }
     if (v < 0) all_protected<P>(layer, kv, n, limit);
     int target = -1;
     if (P::may_merge(s, st, meta[v])) {
       sc.dots.resize(static_cast<std::size_t>(n));
       Eigen::Map<Eigen::VectorXf> dots(sc.dots.data(), n);
       dots.noalias() = h.keys() * h.key(v);
-      VictimKey cand;  // better_victim on minus the cosine: the highest cosine, the older slot on ties
-      for (int c = 0; c < n; ++c) {
-        if (c == v || !P::absorbs(s, meta[c], pos[c])) continue;
-        cand = better_victim(cand, VictimKey{-cosine_from(dots[c], norms[c], norms[v]), pos[c], c});
+      // the most similar absorbing key: the lowest minus-cosine, the older slot on ties
+      const float* dot = sc.dots.data();
+      const float* norm = norms.data();
+      const float norm_v = norms[static_cast<std::size_t>(v)];
+      int c = -2;
+      dispatch([&]() KVTRIM_INLINE_LAMBDA {
+        const typename P::State ls = s;
+        c = lowest_key(
+            n, pos, newest, score, key, [&](int j) KVTRIM_INLINE_LAMBDA { return -cosine_from(dot[j], norm[j], norm_v); },
+            [&](int j) KVTRIM_INLINE_LAMBDA { return (j == v) | !P::absorbs(ls, meta[j], pos[j]); });
+      });
+      if (c == -2) {  // NaN: the sequential scan
+        VictimKey cand;
+        for (int j = 0; j < n; ++j) {
+          if (j == v || !P::absorbs(s, meta[j], pos[j])) continue;
+          cand = better_victim(cand, VictimKey{-cosine_from(dot[j], norm[j], norm_v), pos[j], j});
+        }
+        c = cand.slot;
       }
-      if (cand.slot >= 0 && -cand.score >= P::merge_threshold(s)) target = cand.slot;
+      if (c >= 0 && cosine_from(dot[c], norm[c], norm_v) >= P::merge_threshold(s)) target = c;
     }
     if (target >= 0) {
       const MixWeights w = P::mix_weights(s, meta[target], meta[v]);

@@ -28,6 +28,7 @@
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
+#include <cstring>
 #include <vector>
 
 #include "error.hpp"
@@ -124,20 +125,58 @@ class SimHashProjection {
   // The same code as code(x), bit for bit (each bit's products rounded and summed in index order), computed from
   // the transposed matrix so that the bits accumulate side by side: the loop over bits vectorises, the order
   // within each bit is unchanged. For hot paths on the host (and inlined into vectorised callers).
+  // The usual code lengths get a compile-time width, so the accumulators stay in registers.
   KVTRIM_ALWAYS_INLINE std::uint64_t code_by_columns(const float* x) const {
-    float acc[kSimHashMaxBits] = {};
-    const float* t = t_.data();
-    for (int c = 0; c < dim_; ++c) {
-      const float xc = x[c];
-      const float* col = t + static_cast<std::size_t>(c) * bits_;
-      for (int j = 0; j < bits_; ++j) acc[j] += col[j] * xc;
+    switch (bits_) {
+      case 8: return columns<8>(x, 8);
+      case 16: return columns<16>(x, 16);
+      case 32: return columns<32>(x, 32);
+      case 64: return columns<64>(x, 64);
+      default: return columns<kSimHashMaxBits>(x, bits_);
     }
-    std::uint64_t code = 0;
-    for (int j = 0; j < bits_; ++j) code |= static_cast<std::uint64_t>(acc[j] >= 0.0f) << j;
-    return code;
   }
 
  private:
+  // code_by_columns for `bits` (<= B) bits.
+  template <int B>
+  KVTRIM_ALWAYS_INLINE std::uint64_t columns(const float* x, int bits) const {
+#if (defined(__GNUC__) || defined(__clang__)) && !defined(__CUDACC__)
+    if constexpr (B % 8 == 0 && B < kSimHashMaxBits + 1) {
+      if (bits == B) {
+        // GNU vector extensions: the compilers leave the portable loop below scalar-ish (0.40 us per 16-bit code
+        // at width 64 against 0.05 this way, on this project's AVX2 machine). Same arithmetic, lane by lane.
+        typedef float Lanes __attribute__((vector_size(32)));
+        Lanes acc[B / 8] = {};
+        const float* t = t_.data();
+        for (int c = 0; c < dim_; ++c) {
+          const float xc = x[c];
+          const float* col = t + static_cast<std::size_t>(c) * B;
+          for (int k = 0; k < B / 8; ++k) {
+            Lanes v;
+            std::memcpy(&v, col + 8 * k, sizeof v);
+            acc[k] += v * xc;
+          }
+        }
+        float a[B];
+        std::memcpy(a, acc, sizeof a);
+        std::uint64_t code = 0;
+        for (int j = 0; j < B; ++j) code |= static_cast<std::uint64_t>(a[j] >= 0.0f) << j;
+        return code;
+      }
+    }
+#endif
+    float acc[B] = {};
+    const float* t = t_.data();
+    for (int c = 0; c < dim_; ++c) {
+      const float xc = x[c];
+      const float* col = t + static_cast<std::size_t>(c) * bits;
+      for (int j = 0; j < (B == kSimHashMaxBits ? bits : B); ++j) acc[j] += col[j] * xc;
+    }
+    std::uint64_t code = 0;
+    for (int j = 0; j < bits; ++j) code |= static_cast<std::uint64_t>(acc[j] >= 0.0f) << j;
+    return code;
+  }
+
   int dim_ = 0, bits_ = 0;
   std::uint64_t seed_ = 0;
   std::vector<float> m_;

@@ -160,20 +160,26 @@ struct Ems {
   }
 
   // ---- per-token math
+  // The divisions below are written without a branch around them (x / safe divisor, times 1 or 0): a compiler
+  // does not move a division that may trap out of a condition, and a branch keeps the loops over slots scalar.
+  // Each value is the one the plain `cond ? x / y : 0` gives (G, L, and the maxima are never negative).
   KVTRIM_HOST_DEVICE static float global_avg(const SlotMeta& m) {
-    return m.seen > 0 ? m.mass / static_cast<float>(m.seen) : 0.0f;
+    return m.mass / static_cast<float>(m.seen > 1 ? m.seen : 1) * static_cast<float>(m.seen > 0);
+  }
+  // x / max when max > 0, else 0.
+  KVTRIM_HOST_DEVICE static float share_of_max(float x, float max) {
+    return x / (max > 0.0f ? max : 1.0f) * static_cast<float>(max > 0.0f);
   }
   // GL score from the raw global average (G/n), the raw local score, and their maxima over the head.
   KVTRIM_HOST_DEVICE static float gl_score(float global_avg, float local, float max_global_avg, float max_local,
                                            EmsCombine how) {
-    const float g = max_global_avg > 0.0f ? global_avg / max_global_avg : 0.0f;
-    const float l = max_local > 0.0f ? local / max_local : 0.0f;
-    switch (how) {
-      case EmsCombine::kMean: return 0.5f * (g + l);
-      case EmsCombine::kGlobal: return g;
-      case EmsCombine::kLocal: return l;
-      case EmsCombine::kMax: default: return g > l ? g : l;
-    }
+    const float g = share_of_max(global_avg, max_global_avg);
+    const float l = share_of_max(local, max_local);
+    const float larger = g > l ? g : l;  // selects, not a switch: loops over slots vectorise
+    return how == EmsCombine::kMean ? 0.5f * (g + l)
+           : how == EmsCombine::kGlobal ? g
+           : how == EmsCombine::kLocal  ? l
+                                        : larger;  // kMax
   }
 
   // ---- the rules

@@ -30,7 +30,7 @@ struct StreamingLLM {
     static constexpr auto fields() { return std::tuple{field("sinks", &Params::sinks), field("window", &Params::window)}; }
   };
   struct SlotMeta {
-    bool sink = false;
+    std::uint8_t sink = 0;  // 0 or 1: a byte, not a bool, so that loops over the slots vectorise
   };
   struct State {
     int sinks = 0;
@@ -59,10 +59,10 @@ struct StreamingLLM {
 
   // The first `sinks` tokens seen become sinks.
   KVTRIM_HOST_DEVICE static void on_insert(State& s, SlotMeta& m, std::int64_t, const TokenInputs&) {
-    m.sink = take_first(s.sinks_seen, s.sinks);
+    m.sink = static_cast<std::uint8_t>(take_first(s.sinks_seen, s.sinks));
   }
   KVTRIM_HOST_DEVICE static bool protects(const State&, const SlotMeta& m, std::int64_t, std::int64_t) {
-    return m.sink;
+    return m.sink != 0;
   }
   KVTRIM_HOST_DEVICE static float score(const State&, const SlotMeta&, std::int64_t, std::int64_t) { return 0.0f; }
   KVTRIM_HOST_DEVICE static float prompt_score(const State&, SlotMeta&, int, const PromptSums&) { return 0.0f; }
