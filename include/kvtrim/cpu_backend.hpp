@@ -63,6 +63,13 @@ class CpuBackend::Impl {
   static constexpr bool kMerges = rules::merges<P>();
   static constexpr bool kStructured = rules::structured<P>();
   static constexpr bool kHostPrompt = rules::host_prompt<P>();
+  // Bytes of a merging policy's per-slot Stats (the selection scratch holds one per slot), else 0.
+  static constexpr std::size_t kStatsSize = [] {
+    if constexpr (kMerges)
+      return sizeof(typename P::Stats);
+    else
+      return std::size_t{0};
+  }();
 
   // What a cache of this configuration reserves: every head's slots at budget + 1 (keys, values, positions,
   // metadata, key norms for merging policies), the per-head state and the per-thread scratch.
@@ -96,7 +103,7 @@ class CpuBackend::Impl {
     // per thread: probabilities [g x (budget + 1)] and the selection scratch
     const double threads = std::min(cfg.threads, H);
     const double scratch = g * size(sizeof(float)) + size(5 * sizeof(float) + 2 * sizeof(int) + sizeof(Meta) +
-                                                          sizeof(std::uint64_t));
+                                                          sizeof(std::uint64_t) + kStatsSize);
     b.add(threads, (max_budget + 1) * scratch);
     return b;
   }
@@ -194,7 +201,7 @@ class CpuBackend::Impl {
     const int d = cfg_.head_dim, g = cfg_.group_size();
     Scratch s;
     s.probs.resize(static_cast<std::size_t>(g) * (max_budget_ + 1));
-    s.select.reserve(max_budget_ + 1);
+    s.select.reserve(max_budget_ + 1, kStatsSize);
     if constexpr (kProjects) {
       s.q_low.resize(static_cast<std::size_t>(g) * d);
       s.kv_low.resize(2 * static_cast<std::size_t>(d));

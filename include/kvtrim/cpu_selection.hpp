@@ -16,8 +16,11 @@
 #include <array>
 #include <bit>
 #include <cmath>
+#include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <type_traits>
+#include <utility>
 #include <vector>
 
 #include <Eigen/Core>
@@ -60,8 +63,11 @@ struct SelectScratch {
   std::vector<int> keys, order;
   std::vector<Meta> metas;
   std::vector<std::uint64_t> sort_keys;
-  void reserve(int n) {
+  std::vector<std::byte> stats;  // a merging policy's Stats of every slot (merge_evict_to_limit)
+  // stats_size: sizeof(P::Stats) for merging policies, else 0
+  void reserve(int n, std::size_t stats_size = 0) {
     const auto z = static_cast<std::size_t>(n);
+    stats.reserve(z * stats_size);
     reduced.reserve(z);
     scores.reserve(z);
     ranks.reserve(z);
@@ -115,27 +121,61 @@ KVTRIM_ALWAYS_INLINE void reduce_group(const float* P, int g, int n, GroupReduce
   }
 }
 
-// One slot's rule applied to a copy, every field loaded before any is stored. In place, the vectoriser stores
-// some fields and then loads others from the same cache line: a store-forwarding stall per slot. Metadata of
-// one or two 4-byte words moves as words, which it also vectorises on the store side (H2O's: 1.37 ns per slot in
-// place, 0.55 as a copy, 0.14 as words, measured in isolation on this project's 2-core AVX2 machine).
+// Stands in for any field when counting an aggregate's fields (unevaluated only).
+struct AnyField {
+  template <class T>
+  operator T() const;
+};
+// Whether Meta is an aggregate of one to four fields of 4 bytes each and nothing else (no padding).
+template <class Meta>
+constexpr bool made_of_words() {
+  using A = AnyField;
+  constexpr auto words = [](const auto&... f) {
+    return ((sizeof(f) == 4) && ...) && sizeof...(f) * 4 == sizeof(Meta);
+  };
+  if constexpr (requires { Meta{A{}, A{}, A{}, A{}, A{}}; }) {
+    return false;
+  } else if constexpr (requires { Meta{A{}, A{}, A{}, A{}}; }) {
+    const auto& [a, b, c, d] = Meta{};
+    return words(a, b, c, d);
+  } else if constexpr (requires { Meta{A{}, A{}, A{}}; }) {
+    const auto& [a, b, c] = Meta{};
+    return words(a, b, c);
+  } else if constexpr (requires { Meta{A{}, A{}}; }) {
+    const auto& [a, b] = Meta{};
+    return words(a, b);
+  } else if constexpr (requires { Meta{A{}}; }) {
+    const auto& [a] = Meta{};
+    return words(a);
+  } else {
+    return false;
+  }
+}
+
+// One slot's rule. In place, a rule that writes several fields is vectorised as stores of some fields followed by
+// loads of others from the same cache line: a store-forwarding stall per slot. Metadata made of 4-byte fields
+// therefore moves as words through a copy (H2O's: 1.1 ns per slot in place, 0.11 as words, measured in isolation
+// on this project's 2-core AVX2 machine). Other metadata (byte-sized fields, padding) is updated in place: through
+// words its bytes are repacked one by one, which keeps the loop scalar (BUZZ's {float; bool; bool}).
 template <class Meta, class F>
 KVTRIM_ALWAYS_INLINE void update_slot(Meta* meta, int i, F&& rule) {
-  if constexpr (sizeof(Meta) % 4 == 0 && sizeof(Meta) <= 8) {
-    using Words = std::array<std::uint32_t, sizeof(Meta) / 4>;
+  if constexpr (made_of_words<Meta>()) {
+    constexpr int kWords = static_cast<int>(sizeof(Meta) / 4);
+    using Words = std::array<std::uint32_t, kWords>;
     Words w;
     char* at = reinterpret_cast<char*>(meta + i);
-    std::memcpy(&w[0], at, 4);  // word by word, no inner loop: the slot loop stays innermost
-    if constexpr (w.size() == 2) std::memcpy(&w[1], at + 4, 4);
+    // word by word, unrolled at compile time: the slot loop stays the innermost one
+    [&]<int... k>(std::integer_sequence<int, k...>) KVTRIM_INLINE_LAMBDA {
+      (std::memcpy(&w[k], at + 4 * k, 4), ...);
+    }(std::make_integer_sequence<int, kWords>{});
     Meta m = std::bit_cast<Meta>(w);
     rule(m);
     w = std::bit_cast<Words>(m);
-    std::memcpy(at, &w[0], 4);
-    if constexpr (w.size() == 2) std::memcpy(at + 4, &w[1], 4);
+    [&]<int... k>(std::integer_sequence<int, k...>) KVTRIM_INLINE_LAMBDA {
+      (std::memcpy(at + 4 * k, &w[k], 4), ...);
+    }(std::make_integer_sequence<int, kWords>{});
   } else {
-    Meta m = meta[i];
-    rule(m);
-    meta[i] = m;
+    rule(meta[i]);
   }
 }
 
@@ -315,6 +355,8 @@ template <class P>
 void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, int limit,
                           std::vector<float>& norms, SelectScratch<typename P::SlotMeta>& sc, int layer, int kv) {
   using Meta = typename P::SlotMeta;
+  using Stats = typename P::Stats;
+  static_assert(std::is_trivially_copyable_v<Stats> && alignof(Stats) <= alignof(std::max_align_t));
   while (h.size() > limit) {
     const int n = h.size();
     const Meta* meta = h.meta_data();
@@ -322,20 +364,25 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
     const std::int64_t newest = h.newest_pos();
     sc.scores.resize(static_cast<std::size_t>(n));
     sc.ranks.resize(static_cast<std::size_t>(n));
+    sc.stats.resize(static_cast<std::size_t>(n) * sizeof(Stats));
     float* score = sc.scores.data();
     std::uint32_t* key = sc.ranks.data();
-    typename P::Stats st{};
+    Stats* stats = reinterpret_cast<Stats*>(sc.stats.data());  // operator new's storage: aligned for any Stats
+    Stats st{};
     int v = -2;
     dispatch([&]() KVTRIM_INLINE_LAMBDA {
       const typename P::State ls = s;  // locals: the stores cannot alias them
-      // four running reductions, combined at the end: a reduction is order-free (the GPU reduces in a tree), and
-      // one chain of dependent maxima would wait on each step's latency
-      typename P::Stats part[4] = {};
+      // each slot's stats in a loop of their own, which vectorises (EMS divides per slot), then four running
+      // reductions combined at the end: a reduction is order-free (the GPU reduces in a tree), and one chain of
+      // dependent maxima would wait on each step's latency
+      Stats* each = stats;
+      for (int i = 0; i < n; ++i) each[i] = P::stats_of(meta[i]);
+      Stats part[4] = {};
       int at = 0;
       for (; at + 4 <= n; at += 4)
-        for (int k = 0; k < 4; ++k) part[k] = P::combine(part[k], P::stats_of(meta[at + k]));
-      for (; at < n; ++at) part[0] = P::combine(part[0], P::stats_of(meta[at]));
-      const typename P::Stats lst = P::combine(P::combine(part[0], part[1]), P::combine(part[2], part[3]));
+        for (int k = 0; k < 4; ++k) part[k] = P::combine(part[k], each[at + k]);
+      for (; at < n; ++at) part[0] = P::combine(part[0], each[at]);
+      const Stats lst = P::combine(P::combine(part[0], part[1]), P::combine(part[2], part[3]));
       st = lst;
       v = lowest_key(
           n, pos, newest, score, key, [&](int i) KVTRIM_INLINE_LAMBDA { return P::merge_score(ls, lst, meta[i]); },
@@ -362,8 +409,9 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
       int c = -2;
       dispatch([&]() KVTRIM_INLINE_LAMBDA {
         const typename P::State ls = s;
+        const auto minus_cosine = [&](int j) KVTRIM_INLINE_LAMBDA { return -cosine_from(dot[j], norm[j], norm_v); };
         c = lowest_key(
-            n, pos, newest, score, key, [&](int j) KVTRIM_INLINE_LAMBDA { return -cosine_from(dot[j], norm[j], norm_v); },
+            n, pos, newest, score, key, minus_cosine,
             [&](int j) KVTRIM_INLINE_LAMBDA { return (j == v) | !P::absorbs(ls, meta[j], pos[j]); });
       });
       if (c == -2) {  // NaN: the sequential scan

@@ -160,16 +160,15 @@ struct Ems {
   }
 
   // ---- per-token math
-  // The divisions below are written without a branch around them (x / safe divisor, times 1 or 0): a compiler
-  // does not move a division that may trap out of a condition, and a branch keeps the loops over slots scalar.
-  // Each value is the one the plain `cond ? x / y : 0` gives (G, L, and the maxima are never negative).
+  // The divisions below have no branch around them (a compiler does not move a division that may trap out of a
+  // condition, and a branch keeps the loops over slots scalar): where the plain form is `cond ? x / y : 0`, the
+  // divisor becomes infinity instead, and x / inf is 0 for every finite x (G, L and the maxima are never negative).
   KVTRIM_HOST_DEVICE static float global_avg(const SlotMeta& m) {
-    return m.mass / static_cast<float>(m.seen > 1 ? m.seen : 1) * static_cast<float>(m.seen > 0);
+    const float n = static_cast<float>(m.seen);  // converted outside the select, which stays a blend
+    return m.mass / (n > 0.0f ? n : INFINITY);
   }
   // x / max when max > 0, else 0.
-  KVTRIM_HOST_DEVICE static float share_of_max(float x, float max) {
-    return x / (max > 0.0f ? max : 1.0f) * static_cast<float>(max > 0.0f);
-  }
+  KVTRIM_HOST_DEVICE static float share_of_max(float x, float max) { return x / (max > 0.0f ? max : INFINITY); }
   // GL score from the raw global average (G/n), the raw local score, and their maxima over the head.
   KVTRIM_HOST_DEVICE static float gl_score(float global_avg, float local, float max_global_avg, float max_local,
                                            EmsCombine how) {
