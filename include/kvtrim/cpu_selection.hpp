@@ -197,18 +197,23 @@ void observe(Meta* meta, int n, const typename P::State& s, const float* probs, 
   dispatch([&]() KVTRIM_INLINE_LAMBDA { observe_slots<P>(meta, n, s, probs, g, r); });
 }
 
-// The unprotected slot with the lowest score (oldest on ties), or -1 when every slot is protected: the sequential
-// scan with evicts_before, the reference every faster path must match.
+// The slot with the lowest score_of(i) among those not excluded(i), the oldest (pos) on ties, or -1 when every
+// slot is excluded: the sequential scan with evicts_before, the reference every faster path must match.
+template <class ScoreOf, class Excluded>
+int lowest_scan(int n, const std::int64_t* pos, ScoreOf&& score_of, Excluded&& excluded) {
+  VictimKey best;
+  for (int i = 0; i < n; ++i)
+    if (!excluded(i)) best = better_victim(best, VictimKey{score_of(i), pos[i], i});
+  return best.slot;
+}
+
+// lowest_scan over a policy's scores, protected slots excluded.
 template <class P, class Meta>
 int lowest_unprotected_scan(const Meta* meta, const std::int64_t* pos, int n, const typename P::State& s,
                             std::int64_t newest) {
-  VictimKey best;
-  for (int i = 0; i < n; ++i) {
-    if (P::protects(s, meta[i], pos[i], newest)) continue;
-    const float sc = P::score(s, meta[i], pos[i], newest);
-    if (best.slot < 0 || evicts_before(sc, pos[i], best.score, best.pos)) best = VictimKey{sc, pos[i], i};
-  }
-  return best.slot;
+  return lowest_scan(
+      n, pos, [&](int i) { return P::score(s, meta[i], pos[i], newest); },
+      [&](int i) { return P::protects(s, meta[i], pos[i], newest); });
 }
 
 // The oldest slot whose key is m; newest: a position no slot exceeds. Many slots may tie (a policy may score
@@ -251,7 +256,7 @@ KVTRIM_ALWAYS_INLINE int oldest_with_key(const std::uint32_t* key, const std::in
 }
 
 // The slot with the lowest score_of(i) among those not excluded(i), the oldest (pos) on ties: the rule of
-// lowest_unprotected_scan, in passes that vectorise. Each score becomes an order-preserving integer (select.hpp's
+// lowest_scan, in passes that vectorise. Each score becomes an order-preserving integer (select.hpp's
 // ordered_bits; an excluded slot gets the largest), then their minimum, then the oldest slot holding it. Equal
 // floats (-0 and +0 included) map to equal integers, so the tie rule is the scan's. Returns -1 when every slot is
 // excluded, -2 when no finite candidate score exists or a score is NaN (check_finite off): then the caller's
@@ -389,14 +394,10 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
           n, pos, newest, score, key, [&](int i) KVTRIM_INLINE_LAMBDA { return P::merge_score(ls, lst, meta[i]); },
           [&](int i) KVTRIM_INLINE_LAMBDA { return P::protects(ls, meta[i], pos[i], newest); });
     });
-    if (v == -2) {  // NaN or no finite score: the sequential scan
-      VictimKey best;
-      for (int i = 0; i < n; ++i) {
-        if (P::protects(s, meta[i], pos[i], newest)) continue;
-        best = better_victim(best, VictimKey{P::merge_score(s, st, meta[i]), pos[i], i});
-      }
-      v = best.slot;
-    }
+    if (v == -2)  // NaN or no finite score: the sequential scan
+      v = lowest_scan(
+          n, pos, [&](int i) { return P::merge_score(s, st, meta[i]); },
+          [&](int i) { return P::protects(s, meta[i], pos[i], newest); });
     if (v < 0) all_protected<P>(layer, kv, n, limit);
     int target = -1;
     if (P::may_merge(s, st, meta[v])) {
@@ -407,22 +408,15 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
       const float* dot = sc.dots.data();
       const float* norm = norms.data();
       const float norm_v = norms[static_cast<std::size_t>(v)];
+      const auto minus_cosine = [&](int j) KVTRIM_INLINE_LAMBDA { return -cosine_from(dot[j], norm[j], norm_v); };
       int c = -2;
       dispatch([&]() KVTRIM_INLINE_LAMBDA {
         const typename P::State ls = s;
-        const auto minus_cosine = [&](int j) KVTRIM_INLINE_LAMBDA { return -cosine_from(dot[j], norm[j], norm_v); };
-        c = lowest_key(
-            n, pos, newest, score, key, minus_cosine,
-            [&](int j) KVTRIM_INLINE_LAMBDA { return (j == v) | !P::absorbs(ls, meta[j], pos[j]); });
+        c = lowest_key(n, pos, newest, score, key, minus_cosine,
+                       [&](int j) KVTRIM_INLINE_LAMBDA { return (j == v) | !P::absorbs(ls, meta[j], pos[j]); });
       });
-      if (c == -2) {  // NaN: the sequential scan
-        VictimKey cand;
-        for (int j = 0; j < n; ++j) {
-          if (j == v || !P::absorbs(s, meta[j], pos[j])) continue;
-          cand = better_victim(cand, VictimKey{-cosine_from(dot[j], norm[j], norm_v), pos[j], j});
-        }
-        c = cand.slot;
-      }
+      if (c == -2)  // NaN: the sequential scan
+        c = lowest_scan(n, pos, minus_cosine, [&](int j) { return j == v || !P::absorbs(s, meta[j], pos[j]); });
       if (c >= 0 && cosine_from(dot[c], norm[c], norm_v) >= P::merge_threshold(s)) target = c;
     }
     if (target >= 0) {

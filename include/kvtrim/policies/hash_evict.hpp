@@ -83,7 +83,6 @@ struct HashEvict {
     bool key_probe = false;
     bool hash_prompt = false;
     int bits = 1;
-    int n_probes = 0;
     int n_words = 0;                        // words holding the probes (0: no probe yet)
     std::uint64_t spread = 1;               // sum of 1 << (k * bits) over the lanes of a word
     std::uint64_t last_mask = 0;            // the lanes of the last word in use
@@ -147,7 +146,6 @@ struct HashEvict {
   // The step's probes replace the last ones.
   KVTRIM_HOST_DEVICE static void set_probes(State& s, const std::uint64_t* codes, int n) {
     const int per_word = lanes(s);
-    s.n_probes = n;
     s.n_words = (n + per_word - 1) / per_word;
     for (int w = 0; w < s.n_words; ++w) s.probes[w] = 0;
     for (int g = 0; g < n; ++g) s.probes[g / per_word] |= codes[g] << ((g % per_word) * s.bits);
