@@ -1,8 +1,10 @@
 // Decode attention on the CPU backend against the machine's streaming read bandwidth.
 //
 //   BM_ReadBandwidth            one sequential read of a 512 MiB buffer (the reference figure)
-//   BM_DecodeAttention/d/g/n    one decode step of one KV head (FullCache, fp32) with g query heads over n
-//                               kept tokens: KV_GBps = bytes of K and V read / time; bw_ratio = KV_GBps /
+//   BM_DecodeAttention/<type>/d/g/n
+//                               one decode step of one KV head (KVCache<FullCache, CpuBackend<type>>: keys and
+//                               values stored as float, half or bf16) with g query heads over n kept tokens:
+//                               KV_GBps = bytes of K and V read / time (n x (dk + dv) x sizeof(type)); bw_ratio = KV_GBps /
 //                               read_GBps, where read_GBps is the best of 6 passes of the streaming read,
 //                               measured in this process before the first attention benchmark;
 //                               bw_ratio_best = the fastest single step against the same best read pass
@@ -41,12 +43,13 @@ void BM_ReadBandwidth(benchmark::State& state) {
 }
 BENCHMARK(BM_ReadBandwidth)->Unit(benchmark::kMillisecond)->MinTime(0.5);
 
+template <class T>
 void BM_DecodeAttention(benchmark::State& state) {
   const int d = static_cast<int>(state.range(0)), g = static_cast<int>(state.range(1));
   const int n = static_cast<int>(state.range(2));
   kvbench::read_bandwidth();  // measured before the first step, outside the timed region
   kvtrim::CacheConfig cfg{.n_layers = 1, .n_kv_heads = 1, .n_q_heads = g, .head_dim = d, .budget = n + 1};
-  kvtrim::KVCache<kvtrim::FullCache> cache(cfg);
+  kvtrim::KVCache<kvtrim::FullCache, kvtrim::CpuBackend<T>> cache(cfg);
   Xorshift rng(42);
   kvbench::fill_direct(cache, n, rng);
   kvbench::Token tok(cfg, rng);
@@ -59,7 +62,7 @@ void BM_DecodeAttention(benchmark::State& state) {
     head.remove(head.size() - 1);  // back to n tokens (the new token is the last slot)
   }
   benchmark::DoNotOptimize(tok.out.data());
-  const double bytes = kvbench::kv_bytes(n + 1, d, d);
+  const double bytes = kvbench::kv_bytes<T>(n + 1, d, d);
   state.SetBytesProcessed(static_cast<std::int64_t>(bytes * static_cast<double>(state.iterations())));
   state.counters["KV_MiB"] = bytes / (1 << 20);
   state.counters["KV_GBps"] =
@@ -70,11 +73,13 @@ void BM_DecodeAttention(benchmark::State& state) {
       bytes / kvbench::read_bandwidth() * static_cast<double>(state.iterations()), benchmark::Counter::kIsRate);
   state.counters["bw_ratio_best"] = bytes / best / kvbench::read_bandwidth();
 }
-BENCHMARK(BM_DecodeAttention)
-    ->ArgNames({"d", "g", "n"})
-    ->ArgsProduct({{64, 128}, {1, 4}, {1024, 4096, 16384, 65536}})
-    ->Unit(benchmark::kMicrosecond)
-    ->MinTime(0.2);
+void decode_args(benchmark::internal::Benchmark* b) {
+  b->ArgNames({"d", "g", "n"})->Unit(benchmark::kMicrosecond)->MinTime(0.2);
+  b->ArgsProduct({{64, 128}, {1, 4}, {1024, 4096, 16384, 65536, 131072}});
+}
+BENCHMARK_TEMPLATE(BM_DecodeAttention, float)->Name("BM_DecodeAttention/float")->Apply(decode_args);
+BENCHMARK_TEMPLATE(BM_DecodeAttention, kvtrim::half)->Name("BM_DecodeAttention/half")->Apply(decode_args);
+BENCHMARK_TEMPLATE(BM_DecodeAttention, kvtrim::bfloat16)->Name("BM_DecodeAttention/bf16")->Apply(decode_args);
 
 // The decode kernel alone, keys and values stored as T.
 template <class T>

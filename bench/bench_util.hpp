@@ -94,7 +94,11 @@ inline double read_bandwidth() {
 }
 
 // Bytes a decode step reads from K and V of one KV head holding n tokens (fp32).
-inline double kv_bytes(int n, int dk, int dv) { return static_cast<double>(n) * (dk + dv) * sizeof(float); }
+// Bytes of n keys and values stored as T.
+template <class T = float>
+double kv_bytes(int n, int dk, int dv) {
+  return static_cast<double>(n) * (dk + dv) * sizeof(T);
+}
 
 // ---- data -----------------------------------------------------------------------------------------------
 

@@ -69,6 +69,7 @@ kvtrim_cli_case(threads_not_a_number batch_generate 2 "--threads: 'two' is not a
 kvtrim_cli_case(unknown_policy batch_generate 2 "unknown policy 'bogus'; the registered policies are full" --policy bogus)
 kvtrim_cli_case(steps_beyond_context batch_generate 2 "--steps: 600 is out of range 1\\.\\.512 \\(the model's context\\)" --steps 600 MODEL)
 kvtrim_cli_case(prompt_longer_than_steps batch_generate 2 "prompt 2 has [0-9]+ tokens \\(BOS included\\), more than --steps 3" --steps 3 "Hi" "Once upon a time there was a girl" MODEL)
+kvtrim_cli_case(kv_dtype_unknown batch_generate 2 "--kv-dtype: 'fp8' is not a storage type; expected float, half or bf16" --kv-dtype fp8)
 kvtrim_cli_case(budget_too_small batch_generate 1 "StreamingLLM: sinks \\(4\\) must leave room for a window in the budget 4" --policy streaming --budget 4 MODEL)
 # --help prints the usage on stdout and exits 0.
 foreach(program generate compare_policies visualize_kept soak batch_generate)

@@ -53,7 +53,7 @@ class AnyCache {
   virtual std::uint64_t merges() const = 0;
 };
 
-template <class P, class Backend = CpuBackend>
+template <class P, class Backend = CpuBackend<>>
 class AnyCacheOf final : public AnyCache {
  public:
   AnyCacheOf(const CacheConfig& cfg, const typename P::Params& p) : cache_(cfg, p), params_(p) {}
@@ -116,7 +116,7 @@ typename P::Params policy_params(const Entry<P>& entry, const PolicyOptions& opt
   return p;
 }
 
-template <class Backend = CpuBackend>
+template <class Backend = CpuBackend<>>
 std::unique_ptr<AnyCache> make_cache(std::string_view name, const CacheConfig& cfg, const PolicyOptions& opt = {}) {
   std::unique_ptr<AnyCache> out;
   with_policy(name, [&](const auto& entry) {

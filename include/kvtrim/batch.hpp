@@ -39,7 +39,7 @@ struct BatchOptions {
   int threads = 1;  // workers for the (sequence, KV head) pairs of a call; 1 = the calling thread only
 };
 
-template <class P, class Backend = CpuBackend>
+template <class P, class Backend = CpuBackend<>>
 class KVBatch {
  public:
   using Cache = KVCache<P, Backend>;

@@ -20,6 +20,7 @@
 #include <cmath>
 #include <cstddef>
 #include <type_traits>
+#include <vector>
 
 #include "dtype.hpp"
 
@@ -514,6 +515,14 @@ KVTRIM_AVX2_FN inline void attend(const T* K, const T* V, int n, int dk, int dv,
   }
 }
 
+// n stored elements as floats (exact).
+template <class T>
+KVTRIM_AVX2_FN inline void widen(const T* in, float* out, std::size_t n) {
+  std::size_t i = 0;
+  for (; i + 8 <= n; i += 8) _mm256_storeu_ps(out + i, load8(in + i));
+  for (; i < n; ++i) out[i] = to_float(in[i]);
+}
+
 #undef KVTRIM_AVX2_INLINE
 #undef KVTRIM_AVX2_LAMBDA
 #undef KVTRIM_AVX2_LAMBDA_INLINE
@@ -563,6 +572,35 @@ inline void attend(AttendPath path, const T* K, const std::type_identity_t<T>* V
   (void)path;
 #endif
   attend_portable(K, V, n, dk, dv, Q, g, scale, P, O);
+}
+
+// n stored elements as floats (exact), vectorised where the CPU can.
+template <StorageType T>
+inline void widen(const T* in, float* out, std::size_t n) {
+#ifdef KVTRIM_X86_AVX2_DISPATCH
+  if constexpr (!std::is_same_v<T, float>)
+    if (cpu_has_avx2_path<T>()) return avx2::widen(in, out, n);
+#endif
+  to_float(in, out, n);
+}
+// Every stored row of K [n x d] dotted with x [d], fp32, into out [n] (a merging policy's key cosines). Float rows
+// are one Eigen matrix-vector product; 16-bit rows are widened kDotTileRows at a time into `tile` (resized to
+// kDotTileRows * d floats: reserve that to keep the call allocation-free), then the same product per tile.
+inline constexpr int kDotTileRows = 32;
+template <StorageType T>
+inline void row_dots(const T* K, int n, int d, const float* x, float* out, std::vector<float>& tile) {
+  using Rows = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
+  Eigen::Map<const Eigen::VectorXf> xv(x, d);
+  if constexpr (std::is_same_v<T, float>) {
+    Eigen::Map<Eigen::VectorXf>(out, n).noalias() = Rows(K, n, d) * xv;
+  } else {
+    tile.resize(static_cast<std::size_t>(kDotTileRows) * d);
+    for (int r0 = 0; r0 < n; r0 += kDotTileRows) {
+      const int rows = std::min(kDotTileRows, n - r0);
+      widen(K + static_cast<std::size_t>(r0) * d, tile.data(), static_cast<std::size_t>(rows) * d);
+      Eigen::Map<Eigen::VectorXf>(out + r0, rows).noalias() = Rows(tile.data(), rows, d) * xv;
+    }
+  }
 }
 
 // Decode attention of one KV head by the fastest path this CPU runs.

@@ -21,6 +21,7 @@
 #include <vector>
 
 #include "config.hpp"
+#include "kv_cache.hpp"  // declares CpuBackend with its default storage type
 #include "cpu_attention.hpp"
 #include "cpu_selection.hpp"
 #include "error.hpp"
@@ -32,19 +33,27 @@
 
 namespace kvtrim {
 
+// T: how keys and values are stored (float, kvtrim::half or kvtrim::bfloat16). Inputs are fp32 (or widened from
+// 16-bit activations, kv_cache.hpp) and every computation is fp32; a 16-bit store rounds each row once, when it
+// joins, and attention reads the stored rows. As on the CUDA backend, the rules see the fp32 inputs (L2 norms,
+// SimHash codes), the prompt's attention and its prompt stage run on the fp32 prompt rows, and a merge mixes in fp32
+// and rounds the result; cosines and norms for merging are of the stored rows.
+template <StorageType T>  // = float (kv_cache.hpp declares it)
 struct CpuBackend {
   static constexpr const char* kName = "cpu";
+  using Storage = T;
 
   template <class P>
   class Impl;
 };
 
+template <StorageType Stored>  // the storage type (inside Impl, T names a chunk's token count)
 template <class P>
-class CpuBackend::Impl {
+class CpuBackend<Stored>::Impl {
  public:
   using Meta = typename P::SlotMeta;
   using State = typename P::State;
-  using Head = HeadStore<Meta>;
+  using Head = HeadStore<Meta, Stored>;
 
   // A policy that stores keys/values in a smaller space (low-rank storage) defines key_width(kv_head),
   // value_width(kv_head), project_key/value(kv_head, in, out), project_queries(kv_head, group, in, out) and
@@ -92,11 +101,11 @@ class CpuBackend::Impl {
         for (int h = 0; h < H; ++h) ctx.budgets.push_back(cfg.budget_of(l, h));
         const P pol(params, ctx);
         for (int h = 0; h < H; ++h)
-          b.add(cfg.budget_of(l, h) + 1.0, size(sizeof(float)) * (pol.key_width(h) + pol.value_width(h)));
+          b.add(cfg.budget_of(l, h) + 1.0, size(sizeof(Stored)) * (pol.key_width(h) + pol.value_width(h)));
       }
     } else {
       (void)params;
-      b.add(slots, size(2 * sizeof(float)) * cfg.head_dim);
+      b.add(slots, size(2 * sizeof(Stored)) * cfg.head_dim);
     }
     b.add(slots, per_slot);
     b.add(heads, size(sizeof(Head) + 2 * sizeof(State) + 2 * sizeof(int)));
@@ -128,6 +137,7 @@ class CpuBackend::Impl {
       for (int h = 0; h < H; ++h) {
         const int budget = cfg.budget_of(l, h);
         heads_.emplace_back(key_width(cfg, pol, h), value_width(cfg, pol, h), budget);
+        max_key_width_ = std::max(max_key_width_, key_width(cfg, pol, h));
         const int limit = rules::keep_limit(pol, budget), plimit = rules::prompt_limit(pol, budget);
         KVTRIM_CHECK(limit >= 1 && limit <= budget && plimit >= 1 && plimit <= budget, P::kName, " keeps ", limit,
                      " tokens after a decode step and ", plimit, " after a prompt in layer ", l, " KV head ", h,
@@ -158,7 +168,7 @@ class CpuBackend::Impl {
   Impl(const Impl& o)
       : cfg_(o.cfg_), policies_(o.policies_), heads_(o.heads_), initial_(o.initial_), states_(o.states_),
         initial_limits_(o.initial_limits_), limits_(o.limits_), projections_(o.projections_), norms_(o.norms_),
-        max_budget_(o.max_budget_), scratch_(o.scratch_), errors_(o.errors_.size()),
+        max_budget_(o.max_budget_), max_key_width_(o.max_key_width_), scratch_(o.scratch_), errors_(o.errors_.size()),
         pool_(o.pool_ ? std::make_unique<detail::HeadPool>(o.pool_->threads()) : nullptr) {}
   Impl& operator=(const Impl& o) {
     if (this != &o) {
@@ -201,7 +211,7 @@ class CpuBackend::Impl {
     const int d = cfg_.head_dim, g = cfg_.group_size();
     Scratch s;
     s.probs.resize(static_cast<std::size_t>(g) * (max_budget_ + 1));
-    s.select.reserve(max_budget_ + 1, kStatsSize);
+    s.select.reserve(max_budget_ + 1, kStatsSize, kMerges ? max_key_width_ : 0, !std::is_same_v<Stored, float>);
     if constexpr (kProjects) {
       s.q_low.resize(static_cast<std::size_t>(g) * d);
       s.kv_low.resize(2 * static_cast<std::size_t>(d));
@@ -327,7 +337,7 @@ class CpuBackend::Impl {
     Head& h = heads_[i];
     const int slot = h.append(k, v, pos);
     P::on_insert(states_[i], h.meta(slot), pos, in);
-    if constexpr (kMerges) norms_[i][static_cast<std::size_t>(slot)] = h.key(slot).norm();
+    if constexpr (kMerges) norms_[i][static_cast<std::size_t>(slot)] = h.key_norm(slot);
   }
 
   // Brings head (layer, kv) down to its decode limit with the policy's kind of eviction.
@@ -459,9 +469,18 @@ class CpuBackend::Impl {
     };
     const PromptSums sums{rows(w.col), rows(w.win), rows(w.vote)};
     if constexpr (kHostPrompt) {
-      limits_[i] = pol.host_prompt(states_[i], h, sums);
+      if constexpr (std::is_same_v<Stored, float>) {
+        limits_[i] = pol.host_prompt(states_[i], h, sums);
+      } else {  // on the fp32 prompt rows (the CUDA backend's rule), then stored
+        HeadStore<Meta> fp32(h.key_dim(), h.value_dim(), h.budget());
+        fp32.reserve(T + 1);
+        for (int t = 0; t < T; ++t) fp32.meta(fp32.append(w.Kh.row(t).data(), w.Vh.row(t).data(), h.pos(t))) = h.meta(t);
+        limits_[i] = pol.host_prompt(states_[i], fp32, sums);
+        h.truncate(0, h.newest_pos());
+        h.assign(fp32);
+      }
       if constexpr (kMerges)
-        for (int j = 0; j < h.size(); ++j) norms_[i][static_cast<std::size_t>(j)] = h.key(j).norm();
+        for (int j = 0; j < h.size(); ++j) norms_[i][static_cast<std::size_t>(j)] = h.key_norm(j);
     } else if constexpr (kStructured) {
       cpu::score_prompt<P>(h, states_[i], sums, s.select);
       cpu::fit<P>(h, states_[i], s.select);
@@ -563,7 +582,7 @@ class CpuBackend::Impl {
   std::vector<int> initial_limits_, limits_;
   std::vector<SimHashProjection> projections_;  // per layer (SimHash policies)
   std::vector<std::vector<float>> norms_;       // per head, per slot key norms (merging policies)
-  int max_budget_ = 0;
+  int max_budget_ = 0, max_key_width_ = 0;
   std::vector<Scratch> scratch_;                // one per thread
   std::vector<std::exception_ptr> errors_;      // per KV head, from worker threads
   std::unique_ptr<detail::HeadPool> pool_;      // null with one thread

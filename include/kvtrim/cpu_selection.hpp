@@ -23,8 +23,6 @@
 #include <utility>
 #include <vector>
 
-#include <Eigen/Core>
-
 #include "cpu_attention.hpp"  // KVTRIM_X86_AVX2_DISPATCH, cpu_has_avx2_fma
 #include "error.hpp"
 #include "head_store.hpp"
@@ -59,14 +57,18 @@ inline void dispatch(F&& f) {
 template <class Meta>
 struct SelectScratch {
   std::vector<float> reduced, scores, dots;
+  std::vector<float> victim_key, rows;  // a merge's victim key and widened 16-bit key rows, in fp32
   std::vector<std::uint32_t> ranks;
   std::vector<int> keys, order;
   std::vector<Meta> metas;
   std::vector<std::uint64_t> sort_keys;
   std::vector<std::byte> stats;  // a merging policy's Stats of every slot (merge_evict_to_limit)
   // stats_size: sizeof(P::Stats) for merging policies, else 0
-  void reserve(int n, std::size_t stats_size = 0) {
+  // key_dim: the stored key width for merging policies (else 0); sixteen_bit: 16-bit key storage
+  void reserve(int n, std::size_t stats_size = 0, int key_dim = 0, bool sixteen_bit = false) {
     const auto z = static_cast<std::size_t>(n);
+    victim_key.reserve(static_cast<std::size_t>(key_dim));
+    rows.reserve(sixteen_bit ? static_cast<std::size_t>(detail::kDotTileRows) * key_dim : 0);
     stats.reserve(z * stats_size);
     reduced.reserve(z);
     scores.reserve(z);
@@ -332,8 +334,8 @@ template <class P>
 }
 
 // Evicts lowest-scored unprotected slots one at a time until the head holds at most `limit` tokens.
-template <class P>
-void evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, int limit, int layer, int kv,
+template <class P, class Stored>
+void evict_to_limit(HeadStore<typename P::SlotMeta, Stored>& h, const typename P::State& s, int limit, int layer, int kv,
                     SelectScratch<typename P::SlotMeta>& sc) {
   while (h.size() > limit) {
     const int v = lowest_unprotected<P>(h.meta_data(), h.pos_data(), h.size(), s, h.newest_pos(), sc);
@@ -344,8 +346,8 @@ void evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::State&
 
 // observe(), then evict_to_limit() with its first victim found in the same pass over the slots (policies that
 // evict one victim at a time after attention).
-template <class P>
-void observe_and_evict(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, const float* probs, int g,
+template <class P, class Stored>
+void observe_and_evict(HeadStore<typename P::SlotMeta, Stored>& h, const typename P::State& s, const float* probs, int g,
                        int limit, int layer, int kv, SelectScratch<typename P::SlotMeta>& sc) {
   if (h.size() <= limit) return observe<P>(h.meta_data(), h.size(), s, probs, g, sc);
   const int v = observe_and_pick<P>(h.meta_data(), h.pos_data(), h.size(), s, probs, g, h.newest_pos(), sc);
@@ -357,8 +359,8 @@ void observe_and_evict(HeadStore<typename P::SlotMeta>& h, const typename P::Sta
 // kMerges policies: while over the limit, the victim (lowest merge_score among the unprotected, oldest on ties)
 // folds into the absorbing slot with the most similar key (cosine, older on ties) when that reaches the
 // policy's threshold, else it is evicted. `norms` holds every slot's key norm and follows the slots.
-template <class P>
-void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, int limit,
+template <class P, class Stored>
+void merge_evict_to_limit(HeadStore<typename P::SlotMeta, Stored>& h, const typename P::State& s, int limit,
                           std::vector<float>& norms, SelectScratch<typename P::SlotMeta>& sc, int layer, int kv) {
   using Meta = typename P::SlotMeta;
   using Stats = typename P::Stats;
@@ -402,8 +404,9 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
     int target = -1;
     if (P::may_merge(s, st, meta[v])) {
       sc.dots.resize(static_cast<std::size_t>(n));
-      Eigen::Map<Eigen::VectorXf> dots(sc.dots.data(), n);
-      dots.noalias() = h.keys() * h.key(v);
+      sc.victim_key.resize(static_cast<std::size_t>(h.key_dim()));
+      detail::widen(h.key_ptr(v), sc.victim_key.data(), sc.victim_key.size());
+      detail::row_dots(h.key_ptr(0), n, h.key_dim(), sc.victim_key.data(), sc.dots.data(), sc.rows);
       // the most similar absorbing key: the lowest minus-cosine, the older slot on ties
       const float* dot = sc.dots.data();
       const float* norm = norms.data();
@@ -421,15 +424,15 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
     }
     if (target >= 0) {
       const MixWeights w = P::mix_weights(s, meta[target], meta[v]);
-      float* kt = h.key_ptr(target);
-      float* vt = h.value_ptr(target);
+      // in fp32, rounded to the storage type (as the CUDA kernel does)
+      const auto mix_into = [&](Stored* dst, const Stored* src, int width) {
+        for (int e = 0; e < width; ++e) dst[e] = from_float<Stored>(mix_rn(w, to_float(dst[e]), to_float(src[e])));
+      };
       if (P::merges_keys(s)) {
-        const float* kvic = h.key_ptr(v);
-        for (int e = 0; e < h.key_dim(); ++e) kt[e] = mix_rn(w, kt[e], kvic[e]);
-        norms[static_cast<std::size_t>(target)] = h.key(target).norm();
+        mix_into(h.key_ptr(target), h.key_ptr(v), h.key_dim());
+        norms[static_cast<std::size_t>(target)] = h.key_norm(target);
       }
-      const float* vv = h.value_ptr(v);
-      for (int e = 0; e < h.value_dim(); ++e) vt[e] = mix_rn(w, vt[e], vv[e]);
+      mix_into(h.value_ptr(target), h.value_ptr(v), h.value_dim());
       P::merge_meta(h.meta(target), h.meta(v));
     }
     norms[static_cast<std::size_t>(v)] = norms[static_cast<std::size_t>(n - 1)];  // follows the slot move
@@ -442,8 +445,8 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta>& h, const typename P::
 
 // kStructured policies: while needs_fit, every slot is decided at once (fit_key, then fit_slot); the survivors
 // keep their slot order.
-template <class P>
-void fit(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, SelectScratch<typename P::SlotMeta>& sc) {
+template <class P, class Stored>
+void fit(HeadStore<typename P::SlotMeta, Stored>& h, const typename P::State& s, SelectScratch<typename P::SlotMeta>& sc) {
   using Meta = typename P::SlotMeta;
   std::vector<Meta>& next = sc.metas;
   while (P::needs_fit(s, h.size())) {
@@ -465,8 +468,8 @@ void fit(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, SelectS
 
 // The prompt (token t in slot t, on_insert done): prompt_score for every token (the policy may record
 // metadata), into sort keys (protected tokens +inf).
-template <class P>
-void score_prompt(HeadStore<typename P::SlotMeta>& h, const typename P::State& s, const PromptSums& sums,
+template <class P, class Stored>
+void score_prompt(HeadStore<typename P::SlotMeta, Stored>& h, const typename P::State& s, const PromptSums& sums,
                   SelectScratch<typename P::SlotMeta>& sc) {
   const int T = h.size();
   const std::int64_t newest = h.newest_pos();
@@ -480,8 +483,8 @@ void score_prompt(HeadStore<typename P::SlotMeta>& h, const typename P::State& s
 
 // Keeps the `limit` prompt tokens with the highest sort keys (score_prompt's): protected ones first, then the
 // highest scores, the newest on ties.
-template <class P>
-void keep_prompt(HeadStore<typename P::SlotMeta>& h, int limit, SelectScratch<typename P::SlotMeta>& sc) {
+template <class P, class Stored>
+void keep_prompt(HeadStore<typename P::SlotMeta, Stored>& h, int limit, SelectScratch<typename P::SlotMeta>& sc) {
   const int T = h.size();
   if (T <= limit) return;
   const auto drop = static_cast<std::ptrdiff_t>(T - limit);

@@ -1,6 +1,7 @@
 // kvtrim: the slots of one (layer, KV head).
 //
-// A head keeps `size()` tokens in slots 0..size()-1: key row, value row, original position, and the
+// A head keeps `size()` tokens in slots 0..size()-1: key row, value row (stored as T: float, kvtrim::half or
+// kvtrim::bfloat16; rows arrive as float and are rounded to nearest even), original position, and the
 // policy's per-slot metadata (a trivially copyable struct, e.g. an accumulated score or a hash code).
 // Slots are unordered: removal moves the last slot into the hole, so recency must be read from pos(),
 // never from the slot index. Positions live apart from key/value storage (llama.cpp's cells idea).
@@ -11,24 +12,28 @@
 
 #include <Eigen/Core>
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 #include <cstring>
 #include <span>
 #include <type_traits>
 #include <vector>
 
+#include "dtype.hpp"
 #include "error.hpp"
 
 namespace kvtrim {
 
 using RowMajorMatrixXf = Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>;
 
-template <class Meta>
+template <class Meta, StorageType T = float>
 class HeadStore {
   static_assert(std::is_trivially_copyable_v<Meta>,
                 "a policy's SlotMeta must be trivially copyable: slots are moved with memcpy");
+  static constexpr bool kFloat = std::is_same_v<T, float>;
 
  public:
+  using Storage = T;
   using KeyRows = Eigen::Map<RowMajorMatrixXf>;
   using ConstKeyRows = Eigen::Map<const RowMajorMatrixXf>;
   using Row = Eigen::Map<Eigen::VectorXf>;
@@ -51,18 +56,30 @@ class HeadStore {
   const Meta* meta_data() const { return meta_.data(); }
   Meta& meta(int i) { return meta_[i]; }
   const Meta& meta(int i) const { return meta_[i]; }
-  float* key_ptr(int i) { return keys_.data() + static_cast<std::size_t>(i) * dk_; }
-  const float* key_ptr(int i) const { return keys_.data() + static_cast<std::size_t>(i) * dk_; }
-  float* value_ptr(int i) { return values_.data() + static_cast<std::size_t>(i) * dv_; }
-  const float* value_ptr(int i) const { return values_.data() + static_cast<std::size_t>(i) * dv_; }
-  Row key(int i) { return Row(key_ptr(i), dk_); }
-  ConstRow key(int i) const { return ConstRow(key_ptr(i), dk_); }
-  Row value(int i) { return Row(value_ptr(i), dv_); }
-  ConstRow value(int i) const { return ConstRow(value_ptr(i), dv_); }
-  ConstKeyRows keys() const { return ConstKeyRows(keys_.data(), n_, dk_); }
-  const float* key_data() const { return keys_.data(); }
-  const float* value_data() const { return values_.data(); }
-  ConstKeyRows values() const { return ConstKeyRows(values_.data(), n_, dv_); }
+  T* key_ptr(int i) { return keys_.data() + static_cast<std::size_t>(i) * dk_; }
+  const T* key_ptr(int i) const { return keys_.data() + static_cast<std::size_t>(i) * dk_; }
+  T* value_ptr(int i) { return values_.data() + static_cast<std::size_t>(i) * dv_; }
+  const T* value_ptr(int i) const { return values_.data() + static_cast<std::size_t>(i) * dv_; }
+  const T* key_data() const { return keys_.data(); }
+  const T* value_data() const { return values_.data(); }
+  // Eigen views of float storage (16-bit rows are read through key_ptr/value_ptr and converted).
+  Row key(int i) requires kFloat { return Row(key_ptr(i), dk_); }
+  ConstRow key(int i) const requires kFloat { return ConstRow(key_ptr(i), dk_); }
+  Row value(int i) requires kFloat { return Row(value_ptr(i), dv_); }
+  ConstRow value(int i) const requires kFloat { return ConstRow(value_ptr(i), dv_); }
+  ConstKeyRows keys() const requires kFloat { return ConstKeyRows(keys_.data(), n_, dk_); }
+  ConstKeyRows values() const requires kFloat { return ConstKeyRows(values_.data(), n_, dv_); }
+
+  // Euclidean norm of the stored key i, in fp32.
+  float key_norm(int i) const {
+    if constexpr (kFloat) {
+      return key(i).norm();
+    } else {
+      float sq = 0.0f;
+      for (const T* k = key_ptr(i); k != key_ptr(i) + dk_; ++k) sq += to_float(*k) * to_float(*k);
+      return std::sqrt(sq);
+    }
+  }
   std::span<const std::int64_t> positions() const { return {pos_.data(), static_cast<std::size_t>(n_)}; }
 
   // Position of the newest token held (the one just appended during a step), -1 when empty.
@@ -71,12 +88,12 @@ class HeadStore {
   std::uint64_t evictions() const { return evictions_; }
   std::uint64_t merges() const { return merges_; }
 
-  // Appends a token; returns its slot. Grows only if the caller reserved more (prefill).
+  // Appends a token (fp32 rows, stored as T); returns its slot. Grows only if the caller reserved more (prefill).
   int append(const float* k, const float* v, std::int64_t position) {
     KVTRIM_CHECK(n_ < cap_, "internal: head is full (", n_, " of ", cap_, " slots)");
     const int i = n_++;
-    std::memcpy(key_ptr(i), k, sizeof(float) * dk_);
-    std::memcpy(value_ptr(i), v, sizeof(float) * dv_);
+    store_row(key_ptr(i), k, dk_);
+    store_row(value_ptr(i), v, dv_);
     pos_[i] = position;
     meta_[i] = Meta{};
     newest_ = std::max(newest_, position);
@@ -104,8 +121,8 @@ class HeadStore {
     for (std::size_t j = 0; j < keep.size(); ++j) {
       const int s = keep[j], d = static_cast<int>(j);  // s >= d because the list is sorted and unique
       if (s == d) continue;
-      std::memcpy(key_ptr(d), key_ptr(s), sizeof(float) * dk_);
-      std::memcpy(value_ptr(d), value_ptr(s), sizeof(float) * dv_);
+      std::memcpy(key_ptr(d), key_ptr(s), sizeof(T) * dk_);
+      std::memcpy(value_ptr(d), value_ptr(s), sizeof(T) * dv_);
       pos_[d] = pos_[s];
       meta_[d] = meta_[s];
     }
@@ -146,6 +163,25 @@ class HeadStore {
     newest_ = newest;
   }
 
+  // Becomes a copy of `o` (same shape; its rows rounded to T); o's eviction and merge counts add to this head's.
+  // The CPU backend runs a host prompt stage over fp32 rows, as the CUDA backend does, then stores the result.
+  template <StorageType U>
+  void assign(const HeadStore<Meta, U>& o) {
+    KVTRIM_CHECK(o.key_dim() == dk_ && o.value_dim() == dv_, "internal: assign of a ", o.key_dim(), "/",
+                 o.value_dim(), "-wide head to a ", dk_, "/", dv_, "-wide one");
+    reserve(o.size());
+    n_ = o.size();
+    for (int i = 0; i < n_; ++i) {
+      for (int e = 0; e < dk_; ++e) key_ptr(i)[e] = from_float<T>(to_float(o.key_ptr(i)[e]));
+      for (int e = 0; e < dv_; ++e) value_ptr(i)[e] = from_float<T>(to_float(o.value_ptr(i)[e]));
+      pos_[i] = o.pos(i);
+      meta_[i] = o.meta(i);
+    }
+    newest_ = std::max(newest_, o.newest_pos());
+    evictions_ += o.evictions();
+    merges_ += o.merges();
+  }
+
   void clear() {
     n_ = 0;
     newest_ = -1;
@@ -156,16 +192,23 @@ class HeadStore {
   std::size_t bytes_used() const { return static_cast<std::size_t>(n_) * bytes_per_slot(); }
   std::size_t bytes_reserved() const { return static_cast<std::size_t>(cap_) * bytes_per_slot(); }
   std::size_t bytes_per_slot() const {
-    return sizeof(float) * static_cast<std::size_t>(dk_ + dv_) + sizeof(std::int64_t) + sizeof(Meta);
+    return sizeof(T) * static_cast<std::size_t>(dk_ + dv_) + sizeof(std::int64_t) + sizeof(Meta);
   }
 
  private:
+  static void store_row(T* dst, const float* src, int n) {
+    if constexpr (kFloat)
+      std::memcpy(dst, src, sizeof(float) * n);
+    else
+      from_float(src, dst, static_cast<std::size_t>(n));
+  }
+
   void move_last_into(int i) {
     KVTRIM_CHECK(i >= 0 && i < n_, "internal: remove of slot ", i, " outside 0..", n_ - 1);
     const int last = n_ - 1;
     if (i != last) {
-      std::memcpy(key_ptr(i), key_ptr(last), sizeof(float) * dk_);
-      std::memcpy(value_ptr(i), value_ptr(last), sizeof(float) * dv_);
+      std::memcpy(key_ptr(i), key_ptr(last), sizeof(T) * dk_);
+      std::memcpy(value_ptr(i), value_ptr(last), sizeof(T) * dv_);
       pos_[i] = pos_[last];
       meta_[i] = meta_[last];
     }
@@ -174,7 +217,7 @@ class HeadStore {
 
   int dk_ = 0, dv_ = 0, budget_ = 0, n_ = 0, cap_ = 0;
   std::int64_t newest_ = -1;
-  std::vector<float> keys_, values_;
+  std::vector<T> keys_, values_;
   std::vector<std::int64_t> pos_;
   std::vector<Meta> meta_;
   std::uint64_t evictions_ = 0, merges_ = 0;

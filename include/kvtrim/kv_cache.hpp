@@ -20,7 +20,8 @@
 
 namespace kvtrim {
 
-struct CpuBackend;  // cpu_backend.hpp; any backend with the same Impl interface works (the CUDA one, for instance)
+template <StorageType T = float>
+struct CpuBackend;  // cpu_backend.hpp (T: the storage type); any backend with the same Impl interface works
 template <class P, class Backend>
 class KVBatch;  // batch.hpp
 
@@ -29,7 +30,7 @@ inline constexpr std::int64_t kNextPosition = -1;
 // Positions stay below 2^62 so that position arithmetic (windows, next position) cannot overflow.
 inline constexpr std::int64_t kMaxPosition = std::int64_t{1} << 62;
 
-template <class P, class Backend = CpuBackend>
+template <class P, class Backend = CpuBackend<>>
 class KVCache {
   static_assert(check_policy<P>(), "kvtrim: KVCache's first template argument must be a kvtrim::Policy");
 

@@ -31,7 +31,7 @@ struct CacheHandle {
 inline CacheHandle make_cpu_cache(std::string_view name, const kvtrim::CacheConfig& cfg,
                                   const kvtrim::PolicyOptions& opt) {
   CacheHandle h;
-  h.cache = kvtrim::make_cache<kvtrim::CpuBackend>(name, cfg, opt);
+  h.cache = kvtrim::make_cache<kvtrim::CpuBackend<>>(name, cfg, opt);
   return h;
 }
 
