@@ -1,7 +1,9 @@
 // KVBatch: many sequences decoded together. For every registered policy, a batch whose sequences join and leave
 // between steps gives, with 1 and 3 threads, bit for bit what a standalone KVCache per sequence gives (outputs,
 // kept positions, counters), and FullCache's batched outputs equal a naive double-precision attention over each
-// sequence's own tokens. Refused calls change no sequence.
+// sequence's own tokens. Refused calls change no sequence. make_batch (any_batch.hpp, a policy chosen by name)
+// equals the typed batch.
+#include <kvtrim/any_batch.hpp>
 #include <kvtrim/batch.hpp>
 
 #include "testing.hpp"
@@ -133,4 +135,43 @@ TEST_CASE("KVBatch refuses bad calls without changing any sequence", "[batch][er
   batch.remove(a);
   REQUIRE_THROWS_WITH(batch.sequence(a), Catch::Contains("no sequence with id 0"));
   REQUIRE(batch.ids() == std::vector<int>{b});
+}
+
+TEST_CASE("make_batch: a batch chosen by registry name equals the typed KVBatch, and views its sequences", "[batch]") {
+  const auto cfg = shape();
+  auto any = kvtrim::make_batch("streaming", cfg, {.params = {{"sinks", "3"}}}, {.threads = 2});
+  kvtrim::KVBatch<kvtrim::StreamingLLM> typed(cfg, {.sinks = 3});
+  REQUIRE(any->policy_name() == kvtrim::StreamingLLM::kName);
+  const int a = any->add(), b = any->add();
+  REQUIRE(typed.add() == a);
+  REQUIRE(typed.add() == b);
+  Tokens ta(cfg, 80, 3), tb(cfg, 80, 4);
+  const std::size_t qw = 32;
+  for (int l = 0; l < cfg.n_layers; ++l) {  // a prompt for sequence a through its view
+    const auto Q = Tokens::rows(ta.q, 0, 20), K = Tokens::rows(ta.k, 0, 20), V = Tokens::rows(ta.v, 0, 20);
+    std::vector<float> x(Q.size()), y(Q.size());
+    any->sequence(a).prefill(l, Q, K, V, x);
+    typed.sequence(a).prefill(l, Q, K, V, y);
+    REQUIRE(x == y);
+  }
+  for (int t = 20; t < 80; ++t)
+    for (int l = 0; l < cfg.n_layers; ++l) {
+      std::vector<float> Q = ta.q[t], K = ta.k[t], V = ta.v[t], x(2 * qw), y(2 * qw);
+      Q.insert(Q.end(), tb.q[t].begin(), tb.q[t].end());
+      K.insert(K.end(), tb.k[t].begin(), tb.k[t].end());
+      V.insert(V.end(), tb.v[t].begin(), tb.v[t].end());
+      const std::vector<int> ids{a, b};
+      any->decode(l, ids, Q, K, V, x);
+      typed.decode(l, ids, Q, K, V, y);
+      REQUIRE(x == y);
+    }
+  for (int id : {a, b})
+    for (int h = 0; h < cfg.n_kv_heads; ++h) REQUIRE(any->sequence(id).positions(1, h) == typed.sequence(id).positions(1, h));
+  REQUIRE(any->sequence(a).evictions() > 0);
+  any->remove(a);
+  REQUIRE(any->ids() == std::vector<int>{b});
+  REQUIRE_THROWS_WITH(any->sequence(a), Catch::Contains("no sequence with id 0"));
+  REQUIRE(any->add() == a);  // the id is reused, with a fresh cache behind its view
+  REQUIRE(any->sequence(a).next_position(0) == 0);
+  REQUIRE_THROWS_WITH(kvtrim::make_batch("nope", cfg), Catch::Contains("unknown policy 'nope'"));
 }

@@ -56,7 +56,10 @@ class AnyCache {
 template <class P, class Backend = CpuBackend<>>
 class AnyCacheOf final : public AnyCache {
  public:
-  AnyCacheOf(const CacheConfig& cfg, const typename P::Params& p) : cache_(cfg, p), params_(p) {}
+  AnyCacheOf(const CacheConfig& cfg, const typename P::Params& p)
+      : owned_(std::make_unique<KVCache<P, Backend>>(cfg, p)), cache_(*owned_), params_(p) {}
+  // A view of a cache owned elsewhere (a KVBatch's sequence: any_batch.hpp), which must outlive the view.
+  AnyCacheOf(KVCache<P, Backend>& cache, const typename P::Params& p) : cache_(cache), params_(p) {}
 
   std::string_view policy_name() const override { return P::kName; }
   std::string params() const override { return describe_params(params_); }
@@ -92,7 +95,8 @@ class AnyCacheOf final : public AnyCache {
   KVCache<P, Backend>& typed() { return cache_; }
 
  private:
-  KVCache<P, Backend> cache_;
+  std::unique_ptr<KVCache<P, Backend>> owned_;  // null for a view
+  KVCache<P, Backend>& cache_;
   typename P::Params params_;
 };
 

@@ -17,7 +17,7 @@ from typing import Any, Mapping, Sequence
 from . import _kvtrim
 from ._kvtrim import EigenBasis, Error, has_cuda  # noqa: F401  (re-exported)
 
-__all__ = ["Cache", "EigenBasis", "EigenCalibrator", "Error", "policies", "policy_params", "needs_basis", "never_evicts", "has_cuda"]
+__all__ = ["Cache", "Batch", "EigenBasis", "EigenCalibrator", "Error", "policies", "policy_params", "needs_basis", "never_evicts", "has_cuda"]
 __version__ = "0.1.0"
 
 
@@ -101,6 +101,10 @@ class Cache(_kvtrim.Cache):
     Budgets: ``budget`` tokens per (layer, KV head), or ``head_budgets`` of shape ``[n_layers, n_kv_heads]``
     (or flat, layer-major): memory follows them. ``params``: the policy's parameters by name
     (``kvtrim.policy_params(policy)``), e.g. ``{"heavy_ratio": 0.25, "decode.sinks": 4}``.
+
+    ``storage``: how keys and values are kept, ``"float32"``, ``"float16"`` or ``"bfloat16"`` (on the CPU and
+    on CUDA); 16-bit storage halves the cache's memory. Inputs and outputs stay float32 and attention
+    accumulates in float32.
     """
 
     def __init__(self, policy: str, *, n_layers: int, n_kv_heads: int, n_q_heads: int, head_dim: int,
@@ -108,13 +112,7 @@ class Cache(_kvtrim.Cache):
                  params: Mapping[str, Any] | None = None, basis: EigenBasis | None = None, threads: int = 1,
                  check_finite: bool | None = None, device: Any = "cpu", storage: str = "float32"):
         kind, index = _device_of(device)
-        flat: list[int] = []
-        if head_budgets is not None:
-            for row in head_budgets:
-                if isinstance(row, (list, tuple)) or (hasattr(row, "__len__") and not isinstance(row, str)):
-                    flat.extend(int(b) for b in row)
-                else:
-                    flat.append(int(row))
+        flat = _flat_budgets(head_budgets)
         items = [(str(k), _param_text(str(k), v)) for k, v in (params or {}).items()]
         if check_finite is None:
             check_finite = kind == "cpu"  # on a GPU the check would read device memory on the host
@@ -197,6 +195,76 @@ class Cache(_kvtrim.Cache):
         return (f"kvtrim.Cache({self.policy!r}, n_layers={self.n_layers}, n_kv_heads={self.n_kv_heads}, "
                 f"n_q_heads={self.n_q_heads}, head_dim={self.head_dim}, bytes_used={self.bytes_used}, "
                 f"evictions={self.evictions})")
+
+
+def _flat_budgets(head_budgets) -> list[int]:
+    flat: list[int] = []
+    if head_budgets is not None:
+        for row in head_budgets:
+            if isinstance(row, (list, tuple)) or (hasattr(row, "__len__") and not isinstance(row, str)):
+                flat.extend(int(b) for b in row)
+            else:
+                flat.append(int(row))
+    return flat
+
+
+class Batch(_kvtrim.Batch):
+    """The sequences of an engine's batch, decoded together on the CPU (C++ ``KVBatch``, include/kvtrim/batch.hpp).
+
+    Each sequence has its own cache (budgets, positions, policy state) behind an id from ``add()``; sequences
+    join and leave between steps (continuous batching). ``decode(layer, ids, Q, K, V)`` runs one token of each
+    listed sequence: row r of Q ``[B, n_q_heads, head_dim]``, K and V ``[B, n_kv_heads, head_dim]`` belongs to
+    ``ids[r]``, and the (sequence, KV head) pairs run on ``threads`` threads; the results equal decoding each
+    sequence through its own ``Cache``. Prompts, chunks and drafts go to one sequence: ``prefill(id, layer, Q,
+    K, V)``, ``append``, ``verify``. Arguments as for ``Cache`` (float32, C-contiguous, CPU memory).
+    """
+
+    def __init__(self, policy: str, *, n_layers: int, n_kv_heads: int, n_q_heads: int, head_dim: int,
+                 budget: int = 0, head_budgets: Sequence[int] | Sequence[Sequence[int]] | None = None,
+                 params: Mapping[str, Any] | None = None, basis: EigenBasis | None = None, threads: int = 1,
+                 check_finite: bool = True, storage: str = "float32"):
+        items = [(str(k), _param_text(str(k), v)) for k, v in (params or {}).items()]
+        super().__init__(policy, n_layers, n_kv_heads, n_q_heads, head_dim, budget, _flat_budgets(head_budgets),
+                         items, basis, threads, bool(check_finite), storage)
+
+    def add(self, budget: int = 0, head_budgets=None) -> int:
+        """A new sequence (the batch's budgets, or its own); returns its id."""
+        return self._add(budget, _flat_budgets(head_budgets))
+
+    def decode(self, layer: int, ids: Sequence[int], Q, K, V, out=None, positions: Sequence[int] | None = None):
+        """One token of each sequence in ``ids`` (each sequence's next position, or ``positions[r]``); returns
+        the attention outputs, like Q."""
+        if out is None:
+            out = _empty_like(Q)
+        self.decode_into(layer, [int(i) for i in ids], Q, K, V, out, [int(p) for p in (positions or [])])
+        return out
+
+    def prefill(self, id: int, layer: int, Q, K, V, out=None):
+        """The prompt of sequence ``id`` for one layer (``Cache.prefill``)."""
+        if out is None:
+            out = _empty_like(Q)
+        self.prefill_into(id, layer, Q, K, V, out)
+        return out
+
+    def append(self, id: int, layer: int, Q, K, V, out=None):
+        """A chunk of T tokens of sequence ``id`` (``Cache.append``)."""
+        if out is None:
+            out = _empty_like(Q)
+        self.append_into(id, layer, Q, K, V, out)
+        return out
+
+    def verify(self, id: int, layer: int, Q, K, V, out=None):
+        """Draft tokens of sequence ``id``: append's outputs, nothing kept (``Cache.verify``)."""
+        if out is None:
+            out = _empty_like(Q)
+        self.verify_into(id, layer, Q, K, V, out)
+        return out
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+    def __repr__(self) -> str:
+        return f"kvtrim.Batch({self.policy!r}, sequences={self.ids})"
 
 
 class EigenCalibrator(_kvtrim.EigenCalibrator):

@@ -13,8 +13,9 @@ How it hooks in, with two public transformers interfaces and nothing patched:
     probabilities that score-based policies need computed by kvtrim itself) and returns the output. For any
     other call (no cache, a DynamicCache) it falls back to SDPA, so the setting is safe to leave on.
 
-Scope: batch size 1 (one kvtrim cache serves one sequence; C++'s KVBatch is not bound yet), no padding, inference
-only (nothing is differentiable), float32 attention (other model dtypes are converted around the call).
+Scope: batch size 1 (one kvtrim cache serves one sequence; kvtrim.Batch serves many, but this adapter does not
+use it yet), no padding, inference only (nothing is differentiable), float32 attention (other model dtypes are
+converted around the call).
 A forward of T > 1 tokens into an empty cache is a prompt (``prefill``: the policy compresses it) unless the
 cache was made with ``prompt="stream"``; T > 1 tokens into a non-empty cache are decoded one by one
 (``decode_rows``), which equals feeding them one per forward.

@@ -27,11 +27,20 @@ struct CacheHandle {
   std::function<void()> synchronize;
 };
 
-// CpuBackend: the registered policy `name` with its options (kvtrim::Error for an unknown name or parameter).
+// CpuBackend<T>: the registered policy `name` with its options (kvtrim::Error for an unknown name or parameter),
+// keys and values stored as `storage` ("float32", "float16" or "bfloat16").
 inline CacheHandle make_cpu_cache(std::string_view name, const kvtrim::CacheConfig& cfg,
-                                  const kvtrim::PolicyOptions& opt) {
+                                  const kvtrim::PolicyOptions& opt, std::string_view storage) {
   CacheHandle h;
-  h.cache = kvtrim::make_cache<kvtrim::CpuBackend<>>(name, cfg, opt);
+  if (storage == "float32")
+    h.cache = kvtrim::make_cache<kvtrim::CpuBackend<float>>(name, cfg, opt);
+  else if (storage == "float16")
+    h.cache = kvtrim::make_cache<kvtrim::CpuBackend<kvtrim::half>>(name, cfg, opt);
+  else if (storage == "bfloat16")
+    h.cache = kvtrim::make_cache<kvtrim::CpuBackend<kvtrim::bfloat16>>(name, cfg, opt);
+  else
+    kvtrim::detail::throw_error("Cache: storage '", storage, "'; expected float32, float16 or bfloat16 (inputs and "
+                                "outputs stay float32; attention accumulates in float32)");
   return h;
 }
 

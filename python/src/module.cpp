@@ -13,6 +13,7 @@
 #include <nanobind/stl/string_view.h>
 #include <nanobind/stl/vector.h>
 
+#include <kvtrim/any_batch.hpp>
 #include <kvtrim/any_cache.hpp>
 #include <kvtrim/kvtrim.hpp>
 #include <kvtrim/registry.hpp>
@@ -131,26 +132,62 @@ Arg check_array(const A& a, const char* op, const char* name, int heads, int d, 
 std::span<const float> span_of(const Arg& a, std::size_t n) { return {a.data, n}; }
 std::span<float> span_out(const Arg& a, std::size_t n) { return {const_cast<float*>(a.data), n}; }
 
+// The [T, ...] arguments of a multi-token call, checked: same rows, same memory.
+struct Rows {
+  Arg q, k, v, o;
+};
+void same_memory(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o, bool check_finite) {
+  KVTRIM_CHECK(k.memory == q.memory && v.memory == q.memory && o.memory == q.memory, op,
+               ": q, k, v and out must all be host memory or all CUDA device memory");
+  KVTRIM_CHECK(q.memory == Memory::kHost || !check_finite, op,
+               ": CUDA tensors need a cache made with check_finite=False (the finiteness check reads inputs on "
+               "the host)");
+}
+Rows check_rows(const char* op, const kvtrim::CacheConfig& c, const In& Q, const In& K, const In& V, const Out& out,
+                const CacheHandle& h) {
+  const Rows r{check_array(Q, op, "Q", c.n_q_heads, c.head_dim, true, h),
+               check_array(K, op, "K", c.n_kv_heads, c.head_dim, true, h),
+               check_array(V, op, "V", c.n_kv_heads, c.head_dim, true, h),
+               check_array(out, op, "out", c.n_q_heads, c.head_dim, true, h)};
+  KVTRIM_CHECK(r.k.rows == r.q.rows && r.v.rows == r.q.rows && r.o.rows == r.q.rows, op, ": Q, K, V and out must have "
+               "the same number of rows (tokens); got ", r.q.rows, ", ", r.k.rows, ", ", r.v.rows, " and ", r.o.rows);
+  same_memory(op, r.q, r.k, r.v, r.o, c.check_finite);
+  return r;
+}
+
+// One multi-token call of a cache over checked rows.
+enum class Chunk { kPrefill, kAppend, kVerify };
+void run_chunk(kvtrim::AnyCache& cache, Chunk kind, int layer, const Rows& r) {
+  const auto& c = cache.config();
+  const std::size_t qw = static_cast<std::size_t>(c.n_q_heads) * c.head_dim;
+  const std::size_t kw = static_cast<std::size_t>(c.n_kv_heads) * c.head_dim;
+  const auto q = span_of(r.q, r.q.rows * qw), k = span_of(r.k, r.k.rows * kw), v = span_of(r.v, r.v.rows * kw);
+  const auto o = span_out(r.o, r.o.rows * qw);
+  if (kind == Chunk::kPrefill)
+    cache.prefill(layer, q, k, v, o);
+  else if (kind == Chunk::kAppend)
+    cache.append(layer, q, k, v, o);
+  else
+    cache.verify(layer, q, k, v, o);
+}
+
+kvtrim::CacheConfig config_of(int n_layers, int n_kv_heads, int n_q_heads, int head_dim, int budget,
+                              std::vector<int> head_budgets, int threads, bool check_finite) {
+  return {.n_layers = n_layers, .n_kv_heads = n_kv_heads, .n_q_heads = n_q_heads, .head_dim = head_dim,
+          .budget = budget, .head_budgets = std::move(head_budgets), .check_finite = check_finite, .threads = threads};
+}
+
 class Cache {
  public:
   Cache(const std::string& policy, int n_layers, int n_kv_heads, int n_q_heads, int head_dim, int budget,
         std::vector<int> head_budgets, std::vector<std::pair<std::string, std::string>> params,
         std::shared_ptr<kvtrim::EigenBasis> basis, int threads, bool check_finite, const std::string& device,
         int device_index, const std::string& storage) {
-    kvtrim::CacheConfig cfg;
-    cfg.n_layers = n_layers;
-    cfg.n_kv_heads = n_kv_heads;
-    cfg.n_q_heads = n_q_heads;
-    cfg.head_dim = head_dim;
-    cfg.budget = budget;
-    cfg.head_budgets = std::move(head_budgets);
-    cfg.threads = threads;
-    cfg.check_finite = check_finite;
+    const kvtrim::CacheConfig cfg =
+        config_of(n_layers, n_kv_heads, n_q_heads, head_dim, budget, std::move(head_budgets), threads, check_finite);
     kvtrim::PolicyOptions opt{std::move(params), std::move(basis)};
     if (device == "cpu") {
-      KVTRIM_CHECK(storage == "float32", "Cache: storage '", storage,
-                   "' is not available on the CPU backend (it stores float32)");
-      h_ = make_cpu_cache(policy, cfg, opt);
+      h_ = make_cpu_cache(policy, cfg, opt, storage);
     } else if (device == "cuda") {
       h_ = make_cuda_cache(policy, cfg, opt, storage, device_index);
     } else {
@@ -162,11 +199,7 @@ class Cache {
   }
 
   void prefill(int layer, const In& Q, const In& K, const In& V, const Out& out) {
-    const Rows r = rows_of("prefill", Q, K, V, out);
-    Busy busy(*this);
-    nb::gil_scoped_release release;
-    h_.cache->prefill(layer, span_of(r.q, r.q.rows * qw_), span_of(r.k, r.k.rows * kw_), span_of(r.v, r.v.rows * kw_),
-                      span_out(r.o, r.o.rows * qw_));
+    chunk(layer, Q, K, V, out, Chunk::kPrefill);
   }
 
   void decode(int layer, const In& q_, const In& k_, const In& v_, const Out& out, std::int64_t position) {
@@ -175,7 +208,7 @@ class Cache {
     const Arg k = check_array(k_, "decode", "k", c.n_kv_heads, c.head_dim, false, h_);
     const Arg v = check_array(v_, "decode", "v", c.n_kv_heads, c.head_dim, false, h_);
     const Arg o = check_array(out, "decode", "out", c.n_q_heads, c.head_dim, false, h_);
-    same_memory("decode", q, k, v, o);
+    same_memory("decode", q, k, v, o, c.check_finite);
     idle();
     h_.cache->decode(layer, span_of(q, qw_), span_of(k, kw_), span_of(v, kw_), span_out(o, qw_), position);
   }
@@ -184,7 +217,7 @@ class Cache {
   // of this call, as if decoded one by one), at positions position, position+1, ... (or the next ones).
   // A rejected row i leaves rows < i applied; the error names the row.
   void decode_rows(int layer, const In& Q, const In& K, const In& V, const Out& out, std::int64_t position) {
-    const Rows r = rows_of("decode_rows", Q, K, V, out);
+    const Rows r = check_rows("decode_rows", h_.cache->config(), Q, K, V, out, h_);
     KVTRIM_CHECK(position >= kvtrim::kNextPosition, "decode_rows: position ", position,
                  " must be >= 0 (or -1 for the next position)");
     Busy busy(*this);
@@ -206,8 +239,12 @@ class Cache {
 
   // KVCache::append (a chunk: causal attention over the kept tokens plus the chunk, the decode rule once after
   // it) and KVCache::verify (the same outputs, nothing kept).
-  void append(int layer, const In& Q, const In& K, const In& V, const Out& out) { chunk(layer, Q, K, V, out, true); }
-  void verify(int layer, const In& Q, const In& K, const In& V, const Out& out) { chunk(layer, Q, K, V, out, false); }
+  void append(int layer, const In& Q, const In& K, const In& V, const Out& out) {
+    chunk(layer, Q, K, V, out, Chunk::kAppend);
+  }
+  void verify(int layer, const In& Q, const In& K, const In& V, const Out& out) {
+    chunk(layer, Q, K, V, out, Chunk::kVerify);
+  }
 
   void reset() {
     idle();
@@ -264,47 +301,76 @@ class Cache {
     KVTRIM_CHECK(!busy_.load(), "this cache is in use by another thread (a cache serves one thread at a time)");
   }
 
-  // The [T, ...] arguments of a multi-token call, checked: same rows, same memory.
-  struct Rows {
-    Arg q, k, v, o;
-  };
-  Rows rows_of(const char* op, const In& Q, const In& K, const In& V, const Out& out) const {
-    const auto& c = h_.cache->config();
-    const Rows r{check_array(Q, op, "Q", c.n_q_heads, c.head_dim, true, h_),
-                 check_array(K, op, "K", c.n_kv_heads, c.head_dim, true, h_),
-                 check_array(V, op, "V", c.n_kv_heads, c.head_dim, true, h_),
-                 check_array(out, op, "out", c.n_q_heads, c.head_dim, true, h_)};
-    same_rows(op, r.q, r.k, r.v, r.o);
-    same_memory(op, r.q, r.k, r.v, r.o);
-    return r;
-  }
-  void chunk(int layer, const In& Q, const In& K, const In& V, const Out& out, bool keep) {
-    const Rows r = rows_of(keep ? "append" : "verify", Q, K, V, out);
+  // prefill, append, verify: checked, then run without the GIL.
+  void chunk(int layer, const In& Q, const In& K, const In& V, const Out& out, Chunk kind) {
+    const char* op = kind == Chunk::kPrefill ? "prefill" : kind == Chunk::kAppend ? "append" : "verify";
+    const Rows r = check_rows(op, h_.cache->config(), Q, K, V, out, h_);
     Busy busy(*this);
     nb::gil_scoped_release release;
-    const auto q = span_of(r.q, r.q.rows * qw_), k = span_of(r.k, r.k.rows * kw_), v = span_of(r.v, r.v.rows * kw_);
-    const auto o = span_out(r.o, r.o.rows * qw_);
-    if (keep)
-      h_.cache->append(layer, q, k, v, o);
-    else
-      h_.cache->verify(layer, q, k, v, o);
-  }
-
-  static void same_rows(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o) {
-    KVTRIM_CHECK(k.rows == q.rows && v.rows == q.rows && o.rows == q.rows, op, ": Q, K, V and out must have the same "
-                 "number of rows (tokens); got ", q.rows, ", ", k.rows, ", ", v.rows, " and ", o.rows);
-  }
-  void same_memory(const char* op, const Arg& q, const Arg& k, const Arg& v, const Arg& o) const {
-    KVTRIM_CHECK(k.memory == q.memory && v.memory == q.memory && o.memory == q.memory, op,
-                 ": q, k, v and out must all be host memory or all CUDA device memory");
-    KVTRIM_CHECK(q.memory == Memory::kHost || !h_.cache->config().check_finite, op,
-                 ": CUDA tensors need a cache made with check_finite=False (the finiteness check reads inputs on "
-                 "the host)");
+    run_chunk(*h_.cache, kind, layer, r);
   }
 
   CacheHandle h_;
   std::size_t qw_ = 0, kw_ = 0;
   std::atomic<bool> busy_{false};
+};
+
+// kvtrim::KVBatch of the registered policy `policy` on the CPU (any_batch.hpp): sequences by id, one token of many
+// sequences per decode call on the batch's threads. Calls hold the GIL (a batch serves one Python thread).
+class Batch {
+ public:
+  Batch(const std::string& policy, int n_layers, int n_kv_heads, int n_q_heads, int head_dim, int budget,
+        std::vector<int> head_budgets, std::vector<std::pair<std::string, std::string>> params,
+        std::shared_ptr<kvtrim::EigenBasis> basis, int threads, bool check_finite, const std::string& storage) {
+    const kvtrim::CacheConfig shape =
+        config_of(n_layers, n_kv_heads, n_q_heads, head_dim, budget, std::move(head_budgets), 1, check_finite);
+    const kvtrim::PolicyOptions opt{std::move(params), std::move(basis)};
+    const kvtrim::BatchOptions bo{.threads = threads};
+    if (storage == "float32")
+      b_ = kvtrim::make_batch<kvtrim::CpuBackend<float>>(policy, shape, opt, bo);
+    else if (storage == "float16")
+      b_ = kvtrim::make_batch<kvtrim::CpuBackend<kvtrim::half>>(policy, shape, opt, bo);
+    else if (storage == "bfloat16")
+      b_ = kvtrim::make_batch<kvtrim::CpuBackend<kvtrim::bfloat16>>(policy, shape, opt, bo);
+    else
+      kvtrim::detail::throw_error("Batch: storage '", storage, "'; expected float32, float16 or bfloat16");
+  }
+
+  // A new sequence with the batch's budgets, or its own (budget > 0 or head_budgets given).
+  int add(int budget, std::vector<int> head_budgets) {
+    if (budget <= 0 && head_budgets.empty()) return b_->add();
+    kvtrim::CacheConfig own = b_->shape();
+    own.budget = budget;
+    own.head_budgets = std::move(head_budgets);
+    return b_->add(own);
+  }
+  void remove(int id) { b_->remove(id); }
+  std::vector<int> ids() const { return b_->ids(); }
+  kvtrim::AnyCache& sequence(int id) { return b_->sequence(id); }
+  const kvtrim::CacheConfig& shape() const { return b_->shape(); }
+  std::string_view policy() const { return b_->policy_name(); }
+
+  // Row r of Q [B, n_q_heads, head_dim], K and V [B, n_kv_heads, head_dim], out like Q belongs to ids[r].
+  void decode(int layer, const std::vector<int>& ids, const In& Q, const In& K, const In& V, const Out& out,
+              const std::vector<std::int64_t>& positions) {
+    const Rows r = check_rows("Batch.decode", b_->shape(), Q, K, V, out, host_);
+    KVTRIM_CHECK(r.q.rows == ids.size(), "Batch.decode: Q has ", r.q.rows, " rows for ", ids.size(),
+                 " sequence ids; expected one row per id");
+    const auto& c = b_->shape();
+    const std::size_t qw = static_cast<std::size_t>(c.n_q_heads) * c.head_dim * ids.size();
+    const std::size_t kw = static_cast<std::size_t>(c.n_kv_heads) * c.head_dim * ids.size();
+    b_->decode(layer, ids, span_of(r.q, qw), span_of(r.k, kw), span_of(r.v, kw), span_out(r.o, qw), positions);
+  }
+  // prefill, append, verify of one sequence.
+  void chunk(int id, int layer, const In& Q, const In& K, const In& V, const Out& out, Chunk kind) {
+    const char* op = kind == Chunk::kPrefill ? "Batch.prefill" : kind == Chunk::kAppend ? "Batch.append" : "Batch.verify";
+    kvtrim::AnyCache& cache = b_->sequence(id);
+    run_chunk(cache, kind, layer, check_rows(op, cache.config(), Q, K, V, out, host_));
+  }
+
+ private:
+  std::unique_ptr<kvtrim::AnyBatch> b_;
+  CacheHandle host_;  // host memory only
 };
 
 // Each registered policy's default parameters (registry entry defaults over Params{}), as text.
@@ -429,4 +495,38 @@ NB_MODULE(_kvtrim, m) {
       .def_prop_ro("on_device", [](const Cache& c) { return c.handle().on_device; })
       .def("_set_stream", &Cache::set_stream, "stream"_a)
       .def("synchronize", &Cache::synchronize, "Waits for queued CUDA work (no-op on the CPU backend).");
+
+  nb::class_<Batch>(m, "Batch")
+      .def(nb::init<const std::string&, int, int, int, int, int, std::vector<int>,
+                    std::vector<std::pair<std::string, std::string>>, std::shared_ptr<kvtrim::EigenBasis>, int, bool,
+                    const std::string&>(),
+           "policy"_a, "n_layers"_a, "n_kv_heads"_a, "n_q_heads"_a, "head_dim"_a, "budget"_a, "head_budgets"_a,
+           "params"_a, "basis"_a.none(), "threads"_a, "check_finite"_a, "storage"_a)
+      .def("_add", &Batch::add, "budget"_a, "head_budgets"_a)
+      .def("remove", &Batch::remove, "id"_a, "The sequence leaves the batch; its id may be reused by a later add.")
+      .def_prop_ro("ids", &Batch::ids, "The ids in use, ascending.")
+      .def("decode_into", &Batch::decode, "layer"_a, "ids"_a, "Q"_a, "K"_a, "V"_a, "out"_a, "positions"_a,
+           "One token of each listed sequence: row r of Q, K, V and out belongs to ids[r].")
+      .def("prefill_into", [](Batch& b, int id, int layer, const In& Q, const In& K, const In& V, const Out& out) {
+             b.chunk(id, layer, Q, K, V, out, Chunk::kPrefill);
+           }, "id"_a, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a)
+      .def("append_into", [](Batch& b, int id, int layer, const In& Q, const In& K, const In& V, const Out& out) {
+             b.chunk(id, layer, Q, K, V, out, Chunk::kAppend);
+           }, "id"_a, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a)
+      .def("verify_into", [](Batch& b, int id, int layer, const In& Q, const In& K, const In& V, const Out& out) {
+             b.chunk(id, layer, Q, K, V, out, Chunk::kVerify);
+           }, "id"_a, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a)
+      .def("size", [](Batch& b, int id, int l, int h) { return b.sequence(id).size(l, h); }, "id"_a, "layer"_a, "kv_head"_a)
+      .def("budget", [](Batch& b, int id, int l, int h) { return b.sequence(id).budget(l, h); }, "id"_a, "layer"_a,
+           "kv_head"_a)
+      .def("positions", [](Batch& b, int id, int l, int h) { return b.sequence(id).positions(l, h); }, "id"_a,
+           "layer"_a, "kv_head"_a, "Original positions of the kept tokens of one sequence, ascending.")
+      .def("next_position", [](Batch& b, int id, int l) { return b.sequence(id).next_position(l); }, "id"_a, "layer"_a)
+      .def("evictions", [](Batch& b, int id) { return b.sequence(id).evictions(); }, "id"_a)
+      .def("bytes_used", [](Batch& b, int id) { return b.sequence(id).bytes_used(); }, "id"_a)
+      .def_prop_ro("policy", [](const Batch& b) { return std::string(b.policy()); })
+      .def_prop_ro("n_layers", [](const Batch& b) { return b.shape().n_layers; })
+      .def_prop_ro("n_kv_heads", [](const Batch& b) { return b.shape().n_kv_heads; })
+      .def_prop_ro("n_q_heads", [](const Batch& b) { return b.shape().n_q_heads; })
+      .def_prop_ro("head_dim", [](const Batch& b) { return b.shape().head_dim; });
 }

@@ -88,6 +88,33 @@ def test_full_cache_equals_naive_attention():
     assert cache.evictions == 0 and cache.size(0, 0) == T + steps
 
 
+@pytest.mark.parametrize("storage, dtype", [("float16", np.float16), ("bfloat16", None)])
+def test_16bit_storage_is_attention_over_the_rounded_rows(storage, dtype):
+    # keys and values kept in 16 bits: decode equals attention over the rows rounded to nearest even, in half the
+    # memory of float32 storage
+    def rounded(x):
+        if dtype is not None:
+            return x.astype(dtype).astype(np.float32)
+        bits = x.view(np.uint32).astype(np.uint64)  # bfloat16: round the low 16 bits to nearest even
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) >> 16 << 16
+        return bits.astype(np.uint32).view(np.float32)
+
+    rng = np.random.default_rng(12)
+    n = 24
+    cache, wide = make("full", n, storage=storage), make("full", n)
+    K, V = [], []
+    for _ in range(n):
+        q, k, v = rand(rng, HQ, D), rand(rng, H, D), rand(rng, H, D)
+        K.append(rounded(k)), V.append(rounded(v))
+        wide.decode(0, q, k, v)
+        out = cache.decode(0, q, k, v)
+        np.testing.assert_allclose(out, naive_attention(q, np.stack(K), np.stack(V)), rtol=2e-5, atol=2e-6)
+    assert cache.bytes_used < wide.bytes_used
+    assert wide.bytes_used - cache.bytes_used == n * 2 * D * 2 * H  # 2 bytes saved per element, keys and values
+    with pytest.raises(ValueError, match="storage 'float8'; expected float32, float16 or bfloat16"):
+        make("full", n, storage="float8")
+
+
 def test_streaming_keeps_sinks_and_the_newest_window():
     rng = np.random.default_rng(3)
     budget, sinks, n = 16, 4, 50
