@@ -1,7 +1,8 @@
-// The CPU decode path: no heap allocation in steady-state decode (global operator new/delete are replaced
-// by counting versions in this executable only), results identical for any CacheConfig::threads, and the
-// vectorised attention kernel against a naive double-precision reference on shapes that exercise every
-// tail (head dims not a multiple of 8, groups above 4, token counts not a multiple of the tiles).
+// The CPU decode path: no heap allocation in steady-state decode with float or half storage (global operator
+// new/delete are replaced by counting versions in this executable only), results identical for any
+// CacheConfig::threads, and the vectorised attention kernel against a naive double-precision reference on shapes
+// that exercise every tail (head dims not a multiple of 8, groups above 4, token counts not a multiple of the
+// tiles).
 #include "testing.hpp"
 
 #include <atomic>
@@ -76,14 +77,14 @@ template <class P>
 constexpr bool kNeverEvicts = kvtrim::never_evicts_in_decode<P>();
 
 // Prefill, warm up, then count allocations over many decode steps (long enough for BUZZ to re-segment
-// and for every policy to evict).
-template <class P>
+// and for every policy to evict), keys and values stored as Stored.
+template <class P, class Stored = float>
 void check_no_alloc(int threads) {
   kvtrim::CacheConfig cfg{.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 8, .head_dim = 32, .budget = 64};
   cfg.threads = threads;
   const int prompt = 100, warm = 200, counted = 600;
   Tokens tok(cfg, prompt + warm + counted, 99);
-  kvtrim::KVCache<P> cache(cfg, kvtest::registry_params<P>(cfg));
+  kvtrim::KVCache<P, kvtrim::CpuBackend<Stored>> cache(cfg, kvtest::registry_params<P>(cfg));
   const std::size_t qw = static_cast<std::size_t>(cfg.n_q_heads) * cfg.head_dim;
   for (int l = 0; l < cfg.n_layers; ++l) {
     auto Q = Tokens::rows(tok.q, 0, prompt), K = Tokens::rows(tok.k, 0, prompt), V = Tokens::rows(tok.v, 0, prompt);
@@ -98,7 +99,7 @@ void check_no_alloc(int threads) {
     for (int t = prompt + warm; t < prompt + warm + counted; ++t)
       for (int l = 0; l < cfg.n_layers; ++l) cache.decode(l, tok.q[t], tok.k[t], tok.v[t], out);
   });
-  CAPTURE(P::kName, threads);
+  CAPTURE(P::kName, kvtrim::storage_traits<Stored>::kName, threads);
   REQUIRE(n == 0);
   REQUIRE(cache.evictions() + cache.merges() > before);  // the counted steps really evicted
   kvtest::check_invariants(cache);
@@ -171,6 +172,7 @@ TEMPLATE_LIST_TEST_CASE("steady-state decode of every evicting policy allocates 
   if constexpr (!kNeverEvicts<TestType>) {
     check_no_alloc<TestType>(1);
     check_no_alloc<TestType>(2);
+    check_no_alloc<TestType, kvtrim::half>(1);  // 16-bit storage: merges widen key rows into kept scratch
   }
 }
 
