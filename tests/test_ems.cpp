@@ -61,6 +61,24 @@ TEST_CASE("EMS hand case: a redundant victim is merged into its most similar kep
   REQUIRE(std::vector<float>(h.value_ptr(s0), h.value_ptr(s0) + 4) == hc.values[0]);
 }
 
+TEST_CASE("EMS hand case with half storage: the merge is computed in fp32 and stored rounded to half") {
+  HandCase hc;
+  KVCache<Ems, kvtrim::CpuBackend<kvtrim::half>> c(hc.cfg,
+                                                   {.sinks = 0, .recent = 1, .combine = kvtrim::EmsCombine::kGlobal});
+  hc.run(c);  // every row of the hand case is exact in half
+  REQUIRE(c.positions(0, 0) == std::vector<std::int64_t>{0, 1, 3});
+  REQUIRE(c.merges() == 1);
+  const auto& h = c.backend().head(0, 0);
+  const int s1 = slot_of(c, 1);
+  const double w1 = 13.0 / 12, w2 = 7.0 / 12;
+  const kvtrim::half key(static_cast<float>((w1 * 1 + w2 * 2) / (w1 + w2)));  // 1.35 rounds to 1.349609375
+  REQUIRE(h.key_ptr(s1)[0] == key);
+  REQUIRE(static_cast<float>(key) != 1.35f);
+  REQUIRE(static_cast<float>(h.value_ptr(s1)[0]) == 6.5f);  // 10 * 13/20 and 10 * 7/20: exact in half
+  REQUIRE(static_cast<float>(h.value_ptr(s1)[1]) == 3.5f);
+  REQUIRE(h.key_norm(s1) == static_cast<float>(key));  // later merges use the stored key's norm
+}
+
 TEST_CASE("EMS hand case: merge_keys = false averages values only") {
   HandCase hc;
   KVCache<Ems> c(hc.cfg, {.sinks = 0, .recent = 1, .combine = kvtrim::EmsCombine::kGlobal, .merge_keys = false});

@@ -10,7 +10,11 @@ import kvtrim
 from test_core import HQ, D, H, L, naive_attention, rand
 
 
-def make_batch(policy, budget=24, **kw):
+# an evicting policy from the registry (no policy is named here: each has its own test file)
+EVICTING = next(p for p in kvtrim.policies() if not kvtrim.never_evicts(p) and not kvtrim.needs_basis(p))
+
+
+def make_batch(policy, budget=40, **kw):
     return kvtrim.Batch(policy, n_layers=L, n_kv_heads=H, n_q_heads=HQ, head_dim=D, budget=budget, **kw)
 
 
@@ -66,7 +70,7 @@ def test_full_cache_rows_are_naive_attention_and_budgets_are_per_sequence():
 
 def test_16bit_storage_halves_each_sequences_memory():
     rng = np.random.default_rng(7)
-    wide, narrow = make_batch("h2o"), make_batch("h2o", storage="bfloat16")
+    wide, narrow = make_batch(EVICTING), make_batch(EVICTING, storage="bfloat16")
     i, j = wide.add(), narrow.add()
     Q, K, V = rand(rng, 1, HQ, D), rand(rng, 1, H, D), rand(rng, 1, H, D)
     wide.decode(0, [i], Q, K, V)
@@ -76,7 +80,7 @@ def test_16bit_storage_halves_each_sequences_memory():
 
 def test_batch_errors_are_kvtrim_errors_and_change_nothing():
     rng = np.random.default_rng(8)
-    batch = make_batch("streaming", params={"sinks": 2})
+    batch = make_batch(EVICTING)
     a, b = batch.add(), batch.add()
     Q, K, V = rand(rng, 2, HQ, D), rand(rng, 2, H, D), rand(rng, 2, H, D)
     with pytest.raises(kvtrim.Error, match="Q has 2 rows for 1 sequence ids"):
@@ -95,7 +99,7 @@ def test_batch_errors_are_kvtrim_errors_and_change_nothing():
     with pytest.raises(kvtrim.Error, match="dtype float64"):
         batch.decode(0, [a, b], Q.astype(np.float64), K, V)
     with pytest.raises(kvtrim.Error, match="storage 'int8'"):
-        make_batch("h2o", storage="int8")
+        make_batch(EVICTING, storage="int8")
     with pytest.raises(kvtrim.Error, match="unknown policy 'nope'"):
         make_batch("nope")
     batch.remove(a)
