@@ -1,7 +1,7 @@
 // kvtrim: a batch of sequences whose policy is chosen at run time, by its registry name (KVBatch behind one
 // interface, as AnyCache is KVCache's; the Python module's Batch is this).
 //
-//   auto batch = kvtrim::make_batch("h2o", shape, {.params = {{"heavy_ratio", "0.25"}}}, {.threads = 4});
+//   auto batch = kvtrim::make_batch(name, shape, {.params = {{"key", "value"}}}, {.threads = 4});
 //   const int id = batch->add();
 //   batch->sequence(id).prefill(layer, Q, K, V, out);    // an AnyCache view of that sequence
 //   batch->decode(layer, ids, Q, K, V, out);             // one token of each listed sequence

@@ -5,7 +5,7 @@
 // behind one virtual call each (a few nanoseconds against a decode step of microseconds), made by
 // make_cache() from a registry name and "key=value" parameter settings.
 //
-//   auto cache = kvtrim::make_cache("h2o", cfg, {.params = {{"heavy_ratio", "0.25"}}});
+//   auto cache = kvtrim::make_cache(name, cfg, {.params = {{"key", "value"}}});  // name: kvtrim::policy_names()
 //   cache->decode(layer, q, k, v, out);
 #pragma once
 

@@ -1,7 +1,7 @@
 // kvtrim: policy parameters by name.
 //
 // A policy's Params struct lists its fields once, so that every tool can read and set them without knowing
-// the policy: the command-line examples (`--param h2o.recent=24`), the Python module, CSV metadata.
+// the policy: the command-line examples (`--param decode.recent=24`), the Python module, CSV metadata.
 //
 //   struct Params {
 //     int sinks = 4;

@@ -200,7 +200,7 @@ constexpr bool structured() {
     return false;
 }
 
-// kHostPrompt: the prompt stage is host code that the rules cannot express (EMS's batch evict-then-merge):
+// kHostPrompt: the prompt stage is host code that the rules cannot express (a batch evict-then-merge):
 // `int host_prompt(State&, HeadStore<SlotMeta>&, const PromptSums&) const` brings a head holding the prompt
 // (token j in slot j, SlotMeta after on_insert) within budget and returns the head's decode limit from then on.
 // CudaBackend runs it on a host copy of the prompt once per prefill.
@@ -230,7 +230,7 @@ KVTRIM_HOST_DEVICE inline float mix_rn(const MixWeights& w, float x, float y) {
 }
 
 namespace detail {
-// Prefix + Inner::kName as a constexpr string: the names of composed policies ("snapkv+h2o").
+// Prefix + Inner::kName as a constexpr string: the names of composed policies ("outer+inner").
 template <const std::string_view& Prefix, class Inner>
 struct ComposedName {
   static constexpr std::string_view kInner = Inner::kName;
