@@ -64,7 +64,7 @@ template <class Decode = FullCache>
 struct SnapKV {
   static_assert(Policy<Decode>, "SnapKV<Decode>: Decode must be a kvtrim::Policy");
   static_assert(!rules::merges<Decode>() && !rules::structured<Decode>() && !rules::host_prompt<Decode>(),
-                "SnapKV<Decode>: Decode must evict one victim at a time by score (not EMS or BUZZ)");
+                "SnapKV<Decode>: Decode must evict one victim at a time by score (not a merging or structured policy)");
 
   struct Params {
     int window = 32;

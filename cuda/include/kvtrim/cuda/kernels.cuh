@@ -11,7 +11,7 @@
 //  append_kernel         new token -> slot n (fp32 -> T), position, SlotMeta{}, the policy's on_insert
 //  evict_kernel          while n > limit: masked arg-min over the slots (protected skipped, lowest score,
 //                        oldest position on ties, select.hpp's rule), last slot moves into the hole
-//  merge_evict_kernel    kMerges policies (EMS): head statistics, the lowest-scored unprotected victim, its most
+//  merge_evict_kernel    kMerges policies: head statistics, the lowest-scored unprotected victim, its most
 //                        similar absorbing slot by key cosine, a weighted merge of the rows, then removal
 //  fit_kernel            structured eviction (kStructured policies, BUZZ): fit_key / fit_slot for every slot,
 //                        then survivors at or above the kept count move into the holes below it
