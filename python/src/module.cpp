@@ -155,6 +155,14 @@ Rows check_rows(const char* op, const kvtrim::CacheConfig& c, const In& Q, const
   return r;
 }
 
+// Kept positions as a NumPy int64 array that owns them.
+using Positions = nb::ndarray<nb::numpy, std::int64_t, nb::ndim<1>>;
+Positions positions_array(std::vector<std::int64_t> positions) {
+  auto* p = new std::vector<std::int64_t>(std::move(positions));
+  nb::capsule owner(p, [](void* x) noexcept { delete static_cast<std::vector<std::int64_t>*>(x); });
+  return {p->data(), {p->size()}, owner};
+}
+
 // One multi-token call of a cache over checked rows.
 enum class Chunk { kPrefill, kAppend, kVerify };
 void run_chunk(kvtrim::AnyCache& cache, Chunk kind, int layer, const Rows& r) {
@@ -257,11 +265,7 @@ class Cache {
   }
   const CacheHandle& handle() const { return h_; }
 
-  nb::ndarray<nb::numpy, std::int64_t, nb::ndim<1>> positions(int layer, int kv_head) const {
-    auto* p = new std::vector<std::int64_t>(any().positions(layer, kv_head));
-    nb::capsule owner(p, [](void* x) noexcept { delete static_cast<std::vector<std::int64_t>*>(x); });
-    return {p->data(), {p->size()}, owner};
-  }
+  Positions positions(int layer, int kv_head) const { return positions_array(any().positions(layer, kv_head)); }
 
   std::vector<std::pair<std::string, std::string>> params() const {
     std::vector<std::pair<std::string, std::string>> out;
@@ -516,11 +520,13 @@ NB_MODULE(_kvtrim, m) {
       .def("verify_into", [](Batch& b, int id, int layer, const In& Q, const In& K, const In& V, const Out& out) {
              b.chunk(id, layer, Q, K, V, out, Chunk::kVerify);
            }, "id"_a, "layer"_a, "Q"_a, "K"_a, "V"_a, "out"_a)
-      .def("size", [](Batch& b, int id, int l, int h) { return b.sequence(id).size(l, h); }, "id"_a, "layer"_a, "kv_head"_a)
+      .def("size", [](Batch& b, int id, int l, int h) { return b.sequence(id).size(l, h); }, "id"_a, "layer"_a,
+           "kv_head"_a)
       .def("budget", [](Batch& b, int id, int l, int h) { return b.sequence(id).budget(l, h); }, "id"_a, "layer"_a,
            "kv_head"_a)
-      .def("positions", [](Batch& b, int id, int l, int h) { return b.sequence(id).positions(l, h); }, "id"_a,
-           "layer"_a, "kv_head"_a, "Original positions of the kept tokens of one sequence, ascending.")
+      .def("positions",
+           [](Batch& b, int id, int l, int h) { return positions_array(b.sequence(id).positions(l, h)); }, "id"_a,
+           "layer"_a, "kv_head"_a, "Original positions of the kept tokens of one sequence, ascending (int64 array).")
       .def("next_position", [](Batch& b, int id, int l) { return b.sequence(id).next_position(l); }, "id"_a, "layer"_a)
       .def("evictions", [](Batch& b, int id) { return b.sequence(id).evictions(); }, "id"_a)
       .def("bytes_used", [](Batch& b, int id) { return b.sequence(id).bytes_used(); }, "id"_a)

@@ -45,7 +45,7 @@ def test_batch_equals_one_cache_per_sequence(policy):
     for i in batch.ids:
         for layer in range(L):
             for h in range(H):
-                assert batch.positions(i, layer, h) == caches[i].positions(layer, h).tolist()
+                np.testing.assert_array_equal(batch.positions(i, layer, h), caches[i].positions(layer, h))
         assert batch.evictions(i) == caches[i].evictions
         assert batch.next_position(i, 0) == caches[i].next_position(0)
     assert len(batch) == 3
