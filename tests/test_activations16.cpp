@@ -11,28 +11,14 @@
 
 namespace {
 
+using kvtest::narrowed;
+using kvtest::Rounded;
 using kvtest::Tokens;
 using Policies = std::tuple<kvtrim::PolicyNamed<"full">, kvtrim::PolicyNamed<"streaming">, kvtrim::PolicyNamed<"h2o">,
                             kvtrim::PolicyNamed<"snapkv+h2o">, kvtrim::PolicyNamed<"hashevict">,
                             kvtrim::PolicyNamed<"buzz">, kvtrim::PolicyNamed<"ems">>;
 
 kvtrim::CacheConfig shape() { return {.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 4, .head_dim = 16, .budget = 24}; }
-
-// x rounded to A (to nearest even), and those values back as floats (exact).
-template <class A>
-struct Rounded {
-  std::vector<A> a;
-  std::vector<float> f;
-  explicit Rounded(const std::vector<float>& x) : a(x.size()), f(x.size()) {
-    kvtrim::from_float(x.data(), a.data(), x.size());
-    kvtrim::to_float(a.data(), f.data(), x.size());
-  }
-  std::span<const A> rows() const { return a; }
-};
-template <class A>
-std::vector<A> narrowed(const std::vector<float>& x) {
-  return Rounded<A>(x).a;
-}
 
 template <class Cache>
 void require_same_state(const Cache& a, const Cache& b) {

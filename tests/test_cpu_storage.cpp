@@ -12,8 +12,6 @@
 //  - a KVBatch of T caches equals its caches decoded one by one; memory is 2 * sizeof(T) * head_dim per slot.
 #include <kvtrim/batch.hpp>
 
-#include <cstring>
-
 #include "testing.hpp"
 
 namespace {
@@ -27,16 +25,11 @@ using kvtrim::KVCache;
 
 CacheConfig shape() { return {.n_layers = 2, .n_kv_heads = 2, .n_q_heads = 4, .head_dim = 16, .budget = 40}; }
 
-template <class A>
-float rounded(float x) {
-  return kvtrim::to_float(kvtrim::from_float<A>(x));
-}
 // Every row of the stream rounded to A (as floats): storing these loses nothing.
 template <class A>
 Tokens rounded_tokens(Tokens tok) {
   for (auto* rows : {&tok.q, &tok.k, &tok.v})
-    for (auto& r : *rows)
-      for (auto& x : r) x = rounded<A>(x);
+    for (auto& r : *rows) r = kvtest::Rounded<A>(r).f;
   return tok;
 }
 
@@ -204,15 +197,10 @@ TEMPLATE_TEST_CASE("CpuBackend<T> stores each row rounded to nearest even, and 1
   const Tokens tok(cfg, 60, 9);
   std::vector<float> out(static_cast<std::size_t>(cfg.n_q_heads) * d);
   std::vector<A> out16(out.size());
-  const auto narrow = [](const std::vector<float>& x) {
-    std::vector<A> y(x.size());
-    kvtrim::from_float(x.data(), y.data(), x.size());
-    return y;
-  };
   for (int t = 0; t < tok.size(); ++t)
     for (int l = 0; l < cfg.n_layers; ++l) {
       c.decode(l, tok.q[t], tok.k[t], tok.v[t], out);
-      const auto q = narrow(tok.q[t]), k = narrow(tok.k[t]), v = narrow(tok.v[t]);
+      const auto q = kvtest::narrowed<A>(tok.q[t]), k = kvtest::narrowed<A>(tok.k[t]), v = kvtest::narrowed<A>(tok.v[t]);
       c16.decode(l, std::span<const A>(q), std::span<const A>(k), std::span<const A>(v), std::span<A>(out16));
     }
   for (int l = 0; l < cfg.n_layers; ++l)

@@ -11,6 +11,7 @@
 #include <memory>
 #include <random>
 #include <set>
+#include <span>
 #include <tuple>
 #include <vector>
 
@@ -65,6 +66,22 @@ inline std::vector<double> naive_attention(const float* q, const std::vector<con
   for (std::size_t j = 0; j < keys.size(); ++j)
     for (int i = 0; i < d; ++i) out[i] += s[j] / z * double(values[j][i]);
   return out;
+}
+
+// Rows stored as 16-bit values: x rounded to A (to nearest even), and those values back as floats (exact).
+template <class A>
+struct Rounded {
+  std::vector<A> a;
+  std::vector<float> f;
+  explicit Rounded(const std::vector<float>& x) : a(x.size()), f(x.size()) {
+    kvtrim::from_float(x.data(), a.data(), x.size());
+    kvtrim::to_float(a.data(), f.data(), x.size());
+  }
+  std::span<const A> rows() const { return a; }
+};
+template <class A>
+std::vector<A> narrowed(const std::vector<float>& x) {
+  return Rounded<A>(x).a;
 }
 
 // A stream of random tokens for a cache shape: q [n_q*d], k and v [n_kv*d] per token.

@@ -211,7 +211,7 @@ class CpuBackend<Stored>::Impl {
     const int d = cfg_.head_dim, g = cfg_.group_size();
     Scratch s;
     s.probs.resize(static_cast<std::size_t>(g) * (max_budget_ + 1));
-    s.select.reserve(max_budget_ + 1, kStatsSize, kMerges ? max_key_width_ : 0, !std::is_same_v<Stored, float>);
+    s.select.reserve(max_budget_ + 1, kStatsSize, kMerges && !std::is_same_v<Stored, float> ? max_key_width_ : 0);
     if constexpr (kProjects) {
       s.q_low.resize(static_cast<std::size_t>(g) * d);
       s.kv_low.resize(2 * static_cast<std::size_t>(d));

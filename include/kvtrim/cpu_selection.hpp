@@ -57,18 +57,18 @@ inline void dispatch(F&& f) {
 template <class Meta>
 struct SelectScratch {
   std::vector<float> reduced, scores, dots;
-  std::vector<float> victim_key, rows;  // a merge's victim key and widened 16-bit key rows, in fp32
+  std::vector<float> victim_key, rows;  // 16-bit storage: a merge's victim key and key rows widened to fp32
   std::vector<std::uint32_t> ranks;
   std::vector<int> keys, order;
   std::vector<Meta> metas;
   std::vector<std::uint64_t> sort_keys;
   std::vector<std::byte> stats;  // a merging policy's Stats of every slot (merge_evict_to_limit)
   // stats_size: sizeof(P::Stats) for merging policies, else 0
-  // key_dim: the stored key width for merging policies (else 0); sixteen_bit: 16-bit key storage
-  void reserve(int n, std::size_t stats_size = 0, int key_dim = 0, bool sixteen_bit = false) {
+  // key_dim: the stored key width of a merging policy with 16-bit key storage (else 0)
+  void reserve(int n, std::size_t stats_size = 0, int key_dim = 0) {
     const auto z = static_cast<std::size_t>(n);
     victim_key.reserve(static_cast<std::size_t>(key_dim));
-    rows.reserve(sixteen_bit ? static_cast<std::size_t>(detail::kDotTileRows) * key_dim : 0);
+    rows.reserve(static_cast<std::size_t>(detail::kDotTileRows) * key_dim);
     stats.reserve(z * stats_size);
     reduced.reserve(z);
     scores.reserve(z);
@@ -404,9 +404,15 @@ void merge_evict_to_limit(HeadStore<typename P::SlotMeta, Stored>& h, const type
     int target = -1;
     if (P::may_merge(s, st, meta[v])) {
       sc.dots.resize(static_cast<std::size_t>(n));
-      sc.victim_key.resize(static_cast<std::size_t>(h.key_dim()));
-      detail::widen(h.key_ptr(v), sc.victim_key.data(), sc.victim_key.size());
-      detail::row_dots(h.key_ptr(0), n, h.key_dim(), sc.victim_key.data(), sc.dots.data(), sc.rows);
+      const float* victim_key = nullptr;  // in fp32: float rows as they are, 16-bit ones widened
+      if constexpr (std::is_same_v<Stored, float>) {
+        victim_key = h.key_ptr(v);
+      } else {
+        sc.victim_key.resize(static_cast<std::size_t>(h.key_dim()));
+        detail::widen(h.key_ptr(v), sc.victim_key.data(), sc.victim_key.size());
+        victim_key = sc.victim_key.data();
+      }
+      detail::row_dots(h.key_ptr(0), n, h.key_dim(), victim_key, sc.dots.data(), sc.rows);
       // the most similar absorbing key: the lowest minus-cosine, the older slot on ties
       const float* dot = sc.dots.data();
       const float* norm = norms.data();
