@@ -67,39 +67,42 @@ L.append("Single-thread figures are CPU time of the benchmark thread; thread fig
 dec = [b for b in rows if b["name"].startswith("BM_DecodeAttention")]
 if dec:
     L.append("## Decode attention (KVCache<FullCache, CpuBackend<type>>, one KV head)\n")
-    L.append("ratio = mean step's K+V GB/s (bytes as stored) / best read pass; best = fastest step / best read pass.\n")
-    L.append("| storage | head dim | group | kept tokens | K+V MiB | us/step | K+V GB/s | ratio to read bandwidth | best |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("ratio = mean step's K+V GB/s (bytes as stored) / best read pass; median, best = the median and the "
+             "fastest step against the same pass.\n")
+    L.append("| storage | head dim | group | kept tokens | K+V MiB | us/step | K+V GB/s | ratio to read bandwidth | median | best |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in dec:
         a = args(b["name"])
-        L.append(f"| {b['name'].split('/')[1]} | {a['d']} | {a['g']} | {a['n']} | {b['KV_MiB']:.1f} | {us(b):.1f} | {b['KV_GBps']:.1f} | {b['bw_ratio']:.2f} | {b['bw_ratio_best']:.2f} |")
+        L.append(f"| {b['name'].split('/')[1]} | {a['d']} | {a['g']} | {a['n']} | {b['KV_MiB']:.1f} | {us(b):.1f} | {b['KV_GBps']:.1f} | "
+                 f"{b['bw_ratio']:.2f} | {b['bw_ratio_median']:.2f} | {b['bw_ratio_best']:.2f} |")
     L.append("")
 att = [b for b in rows if b["name"].startswith("BM_Attend/") and "error_occurred" not in b]
 if att:
-    L.append("## Decode kernel per storage type (one KV head, dispatched path)\n")
+    L.append("## Decode kernel per storage type and path (one KV head; path 1 = AVX2, 2 = AVX-512)\n")
     L.append("GB/s = bytes of K and V actually read (n x (dk + dv) x sizeof(type)) per second of the median step; "
              "ratio = that / the best read pass (median step; mean step; fastest step).\n")
-    L.append("| type | head dim | group | kept tokens | K+V MiB | us/step (median) | K+V GB/s | ratio median | ratio mean | ratio best |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
+    L.append("| type | path | head dim | group | kept tokens | K+V MiB | us/step (median) | K+V GB/s | ratio median | ratio mean | ratio best |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|")
     for b in att:
         a = args(b["name"])
-        if a["fast"] != "1":
+        if a["path"] == "0":
             continue
         gbs = b["KV_MiB"] * (1 << 20) / (b["us_median"] * 1e-6) * 1e-9
-        L.append(f"| {b['name'].split('/')[1]} | {a['d']} | {a['g']} | {a['n']} | {b['KV_MiB']:.1f} | {b['us_median']:.0f} | "
+        L.append(f"| {b['name'].split('/')[1]} | {a['path']} | {a['d']} | {a['g']} | {a['n']} | {b['KV_MiB']:.1f} | {b['us_median']:.0f} | "
                  f"{gbs:.1f} | {b['bw_ratio_median']:.2f} | {b['bw_ratio']:.2f} | {b['bw_ratio_best']:.2f} |")
     L.append("")
-    L.append("## Decode kernel: portable path vs dispatched path (median step)\n")
-    L.append("| type | head dim | group | tokens | portable us | dispatched us | speedup |")
-    L.append("|---|---:|---:|---:|---:|---:|---:|")
+    L.append("## Decode kernel: the paths against each other (median step; - where a path did not run)\n")
+    L.append("| type | head dim | group | tokens | portable us | AVX2 us | AVX-512 us | AVX2 / AVX-512 |")
+    L.append("|---|---:|---:|---:|---:|---:|---:|---:|")
     byk = {}
     for b in att:
         a = args(b["name"])
-        byk.setdefault((b["name"].split("/")[1], a["d"], a["g"], a["n"]), {})[a["fast"]] = b
+        byk.setdefault((b["name"].split("/")[1], a["d"], a["g"], a["n"]), {})[a["path"]] = b
+    cell = lambda v, p: f"{v[p]['us_median']:.0f}" if p in v else "-"
     for (t, d, g, n), v in byk.items():
-        if "0" in v and "1" in v:
-            L.append(f"| {t} | {d} | {g} | {n} | {v['0']['us_median']:.0f} | {v['1']['us_median']:.0f} | "
-                     f"{v['0']['us_median'] / v['1']['us_median']:.2f} |")
+        if len(v) > 1:
+            ratio = f"{v['1']['us_median'] / v['2']['us_median']:.2f}" if "1" in v and "2" in v else "-"
+            L.append(f"| {t} | {d} | {g} | {n} | {cell(v, '0')} | {cell(v, '1')} | {cell(v, '2')} | {ratio} |")
     L.append("")
 thr = [b for b in rows if b["name"].startswith("BM_DecodeThreads")]
 if thr:

@@ -131,7 +131,10 @@ std::vector<T> stored(const std::vector<float>& x) {
   return out;
 }
 
-const char* path_name(AttendPath p) { return p == AttendPath::kAvx2 ? "avx2" : "portable"; }
+const char* path_name(AttendPath p) {
+  return p == AttendPath::kAvx512 ? "avx512" : p == AttendPath::kAvx2 ? "avx2" : "portable";
+}
+constexpr AttendPath kPaths[] = {AttendPath::kPortable, AttendPath::kAvx2, AttendPath::kAvx512};
 
 struct KernelRun {
   std::vector<float> P, O;
@@ -199,21 +202,27 @@ void check_kernel_shapes() {
         const auto K = stored<T>(Kf), V = stored<T>(Vf);
         const float scale = 1.0f / std::sqrt(static_cast<float>(dm.dk));
         const Reference ref = reference_attention(K, V, n, dm.dk, dm.dv, Q, g, scale);
-        std::vector<KernelRun> runs;
-        for (AttendPath path : {AttendPath::kPortable, AttendPath::kAvx2}) {
+        std::vector<std::pair<AttendPath, KernelRun>> runs;
+        for (AttendPath path : kPaths) {
           if (!kvtrim::detail::attend_available<T>(path)) continue;
           CAPTURE(kvtrim::storage_traits<T>::kName, path_name(path), dm.dk, dm.dv, n, g);
-          runs.push_back(run_kernel(path, K, V, n, dm.dk, dm.dv, Q, g, scale));
+          runs.emplace_back(path, run_kernel(path, K, V, n, dm.dk, dm.dv, Q, g, scale));
+          const KernelRun& got = runs.back().second;
           if (n == 0) {
-            REQUIRE(std::all_of(runs.back().O.begin(), runs.back().O.end(), [](float o) { return o == 0.0f; }));
+            REQUIRE(std::all_of(got.O.begin(), got.O.end(), [](float o) { return o == 0.0f; }));
             continue;
           }
-          require_matches(runs.back(), ref, n, g, 2e-5);
+          require_matches(got, ref, n, g, 2e-5);
         }
-        if (runs.size() == 2) {  // the two paths against each other
-          CAPTURE(kvtrim::storage_traits<T>::kName, dm.dk, dm.dv, n, g);
-          REQUIRE(max_diff(runs[0].P, runs[1].P) <= 1e-6);
-          REQUIRE(max_diff(runs[0].O, runs[1].O) <= 2e-5);
+        CAPTURE(kvtrim::storage_traits<T>::kName, dm.dk, dm.dv, n, g);
+        for (std::size_t i = 1; i < runs.size(); ++i) {  // every path against the portable one, within rounding
+          CAPTURE(path_name(runs[i].first));
+          REQUIRE(max_diff(runs[0].second.P, runs[i].second.P) <= 1e-6);
+          REQUIRE(max_diff(runs[0].second.O, runs[i].second.O) <= 2e-5);
+        }
+        if (runs.size() == 3) {  // the two x86 builds of one kernel: the same bits
+          REQUIRE(runs[1].second.P == runs[2].second.P);
+          REQUIRE(runs[1].second.O == runs[2].second.O);
         }
       }
 }
@@ -226,7 +235,7 @@ void check_kernel_running_max() {
   const int d = 64, g = 4;
   for (int n : {40, 300, 1000})
     for (double slope : {8.0, -8.0, 0.05})
-      for (AttendPath path : {AttendPath::kPortable, AttendPath::kAvx2}) {
+      for (AttendPath path : kPaths) {
         if (!kvtrim::detail::attend_available<T>(path)) continue;
         CAPTURE(kvtrim::storage_traits<T>::kName, path_name(path), n, slope);
         const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
@@ -262,6 +271,40 @@ TEST_CASE("decode kernel: a maximum that keeps moving, every path and storage ty
   check_kernel_running_max<kvtrim::bfloat16>();
 }
 
+namespace {
+// Many tiles, with scores that drift along the sequence (the running maximum moves) and a group that is not a
+// multiple of 4: the AVX2 and AVX-512 builds must agree bit for bit.
+template <class T>
+void check_x86_builds_agree() {
+  kvtest::Rng rng(7);
+  for (int d : {64, 128, 40})
+    for (int g : {4, 8, 6})
+      for (int n : {1000, 4099}) {
+        CAPTURE(kvtrim::storage_traits<T>::kName, d, g, n);
+        const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
+        auto Kf = rng.normal(static_cast<std::size_t>(n) * d);
+        for (int i = 0; i < n; ++i)
+          for (int c = 0; c < d; ++c) Kf[static_cast<std::size_t>(i) * d + c] += 3.0f * static_cast<float>(i) / static_cast<float>(n) * Q[static_cast<std::size_t>(c)];
+        const auto K = stored<T>(Kf), V = stored<T>(rng.normal(static_cast<std::size_t>(n) * d));
+        const float scale = 1.0f / std::sqrt(static_cast<float>(d));
+        const KernelRun a = run_kernel(AttendPath::kAvx2, K, V, n, d, d, Q, g, scale);
+        const KernelRun b = run_kernel(AttendPath::kAvx512, K, V, n, d, d, Q, g, scale);
+        REQUIRE(a.P == b.P);
+        REQUIRE(a.O == b.O);
+      }
+}
+}  // namespace
+
+TEST_CASE("decode kernel: the AVX-512 build gives the AVX2 build's bits on long sequences", "[attention][kernel]") {
+  if (!kvtrim::detail::attend_available<kvtrim::half>(AttendPath::kAvx512)) {
+    WARN("this CPU cannot run the AVX-512 path: the two x86 builds were not compared");
+    return;
+  }
+  check_x86_builds_agree<float>();
+  check_x86_builds_agree<kvtrim::half>();
+  check_x86_builds_agree<kvtrim::bfloat16>();
+}
+
 TEST_CASE("decode kernel: groups larger than one sweep (33 queries)", "[attention][kernel]") {
   kvtest::Rng rng(3);
   const int n = 70, d = 24, g = 33;
@@ -269,7 +312,7 @@ TEST_CASE("decode kernel: groups larger than one sweep (33 queries)", "[attentio
   const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
   const float scale = 0.2f;
   const Reference ref = reference_attention(K, V, n, d, d, Q, g, scale);
-  for (AttendPath path : {AttendPath::kPortable, AttendPath::kAvx2}) {
+  for (AttendPath path : kPaths) {
     if (!kvtrim::detail::attend_available<float>(path)) continue;
     CAPTURE(path_name(path));
     require_matches(run_kernel(path, K, V, n, d, d, Q, g, scale), ref, n, g, 2e-5);
@@ -284,8 +327,9 @@ TEST_CASE("decode kernel: the default entry point runs the fastest available pat
   const auto Q = rng.normal(static_cast<std::size_t>(g) * d);
   std::vector<float> P(static_cast<std::size_t>(g) * n), O(static_cast<std::size_t>(g) * d);
   kvtrim::detail::attend(K.data(), V.data(), n, d, d, Q.data(), g, 0.125f, P.data(), O.data());
-  const AttendPath best = kvtrim::detail::attend_available<kvtrim::half>(AttendPath::kAvx2) ? AttendPath::kAvx2
-                                                                                           : AttendPath::kPortable;
+  AttendPath best = AttendPath::kPortable;  // the last available in kPaths, which runs from slowest to fastest
+  for (AttendPath path : kPaths)
+    if (kvtrim::detail::attend_available<kvtrim::half>(path)) best = path;
   const KernelRun want = run_kernel(best, K, V, n, d, d, Q, g, 0.125f);
   REQUIRE(P == want.P);  // bit for bit: the same path
   REQUIRE(O == want.O);
