@@ -380,7 +380,7 @@ KVTRIM_SIMD_FN inline void score_tile(const float* Q, const T* K, int dk, int ro
   }
 }
 
-// O[a, c .. c + W*DB) += sum over the tile's rows r of W[4 * r + a] * V[r, c ..), for QB queries (O rows of
+// O[a, c .. c + W*DB) += sum over the tile's rows r of Wt[4 * r + a] * V[r, c ..), for QB queries (O rows of
 // stride dv), in registers of W lanes. Full: rows == TL. Every kPrefetchRows rows issue the next slice of pf.
 inline constexpr int kPrefetchRows = 4;
 template <int W, int TL, int QB, int DB, bool Full, class T>
