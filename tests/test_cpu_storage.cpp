@@ -200,7 +200,8 @@ TEMPLATE_TEST_CASE("CpuBackend<T> stores each row rounded to nearest even, and 1
   for (int t = 0; t < tok.size(); ++t)
     for (int l = 0; l < cfg.n_layers; ++l) {
       c.decode(l, tok.q[t], tok.k[t], tok.v[t], out);
-      const auto q = kvtest::narrowed<A>(tok.q[t]), k = kvtest::narrowed<A>(tok.k[t]), v = kvtest::narrowed<A>(tok.v[t]);
+      using kvtest::narrowed;
+      const auto q = narrowed<A>(tok.q[t]), k = narrowed<A>(tok.k[t]), v = narrowed<A>(tok.v[t]);
       c16.decode(l, std::span<const A>(q), std::span<const A>(k), std::span<const A>(v), std::span<A>(out16));
     }
   for (int l = 0; l < cfg.n_layers; ++l)
