@@ -671,6 +671,44 @@ KVTRIM_SIMD_FN inline void widen(const T* in, float* out, std::size_t n) {
   for (; i < n; ++i) out[i] = to_float(in[i]);
 }
 
+// out[i] = row i of K [n x d] dotted with x [d] in fp32 (a merging policy's key similarities): 8-lane partial sums
+// over the multiples of 8 columns in order, hsum8's tree, then the remaining columns in order. Eight rows per block;
+// a short block at the end repeats its last row, so a row's dot never depends on where it sits. The blocks run from
+// the last row down: attention has just read the rows in order, so the last ones are the likeliest still in cache.
+// Only 8-lane instructions: the wide build would give the same bits, so the narrow one serves every x86 CPU with AVX2.
+template <int D, class T>
+KVTRIM_SIMD_FN void row_dots(const T* K, int n, int d, const float* x, float* out) {
+  const int dd = D > 0 ? D : d;
+  const int c8 = dd & ~7;
+  for (int i0 = (n - 1) & ~7; i0 >= 0; i0 -= 8) {
+    const T* row[8];
+    KVTRIM_UNROLL for (int j = 0; j < 8; ++j) row[j] = K + static_cast<std::size_t>(std::min(i0 + j, n - 1)) * dd;
+    __m256 acc[8];
+    KVTRIM_UNROLL for (int j = 0; j < 8; ++j) acc[j] = _mm256_setzero_ps();
+    for (int c = 0; c < c8; c += 8) {
+      const __m256 xv = in_register(_mm256_loadu_ps(x + c));
+      KVTRIM_UNROLL for (int j = 0; j < 8; ++j) acc[j] = _mm256_fmadd_ps(load8(row[j] + c), xv, acc[j]);
+    }
+    __m256 s = hsum8(acc[0], acc[1], acc[2], acc[3], acc[4], acc[5], acc[6], acc[7]);
+    if (D <= 0 && c8 < dd) {
+      alignas(32) float t[8];
+      for (int j = 0; j < 8; ++j) {
+        float u = 0.0f;
+        for (int e = c8; e < dd; ++e) u += x[e] * to_float(row[j][e]);
+        t[j] = u;
+      }
+      s = _mm256_add_ps(s, _mm256_load_ps(t));
+    }
+    if (i0 + 8 <= n) {
+      _mm256_storeu_ps(out + i0, s);
+    } else {
+      alignas(32) float r[8];
+      _mm256_store_ps(r, s);
+      std::copy(r, r + (n - i0), out + i0);
+    }
+  }
+}
+
 #undef KVTRIM_SIMD_INLINE
 #undef KVTRIM_SIMD_LAMBDA
 #undef KVTRIM_SIMD_LAMBDA_INLINE
