@@ -349,8 +349,9 @@ void check_row_dots() {
     for (int n : {1, 7, 8, 9, 33}) {
       const auto K = stored<T>(rng.normal(static_cast<std::size_t>(n) * d));
       const auto x = rng.normal(static_cast<std::size_t>(d));
-      std::vector<float> out(static_cast<std::size_t>(n), NAN);
+      std::vector<float> out(static_cast<std::size_t>(n), NAN), portable(static_cast<std::size_t>(n), NAN);
       kvtrim::detail::row_dots(K.data(), n, d, x.data(), out.data(), tile);
+      kvtrim::detail::row_dots_portable(K.data(), n, d, x.data(), portable.data(), tile);
       for (int i = 0; i < n; ++i) {
         double want = 0, size = 0;
         for (int e = 0; e < d; ++e) {
@@ -361,6 +362,7 @@ void check_row_dots() {
         }
         INFO("d " << d << ", n " << n << ", row " << i);
         REQUIRE(std::abs(double(out[static_cast<std::size_t>(i)]) - want) <= 1e-6 * size + 1e-30);
+        REQUIRE(std::abs(double(portable[static_cast<std::size_t>(i)]) - want) <= 1e-6 * size + 1e-30);
         if (fixed_order) {
           float alone = NAN;
           kvtrim::detail::row_dots(K.data() + static_cast<std::size_t>(i) * d, 1, d, x.data(), &alone, tile);
@@ -372,7 +374,7 @@ void check_row_dots() {
 
 }  // namespace
 
-TEST_CASE("key row dots (merge similarities): every storage type and width against a double reference",
+TEST_CASE("key row dots (merge similarities): both paths, every storage type and width, against a double reference",
           "[attention][kernel]") {
   check_row_dots<float>();
   check_row_dots<kvtrim::half>();

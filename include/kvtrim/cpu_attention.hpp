@@ -161,20 +161,13 @@ inline void widen(const T* in, float* out, std::size_t n) {
 #endif
   to_float(in, out, n);
 }
-// Every stored row of K [n x d] dotted with x [d], fp32, into out [n] (a merging policy's key cosines). With AVX2
-// and FMA one x86 kernel (the same bits on every such CPU); otherwise float rows are one Eigen matrix-vector
-// product and 16-bit rows are widened kDotTileRows at a time into `tile` (resized to kDotTileRows * d floats:
-// reserve that to keep the call allocation-free), then the same product per tile.
+// Every stored row of K [n x d] dotted with x [d], fp32, into out [n] (a merging policy's key cosines).
+// The portable way: float rows are one Eigen matrix-vector product; 16-bit rows are widened kDotTileRows at a time
+// into `tile` (resized to kDotTileRows * d floats: reserve that to keep the call allocation-free), then the same
+// product per tile.
 inline constexpr int kDotTileRows = 32;
 template <StorageType T>
-inline void row_dots(const T* K, int n, int d, const float* x, float* out, std::vector<float>& tile) {
-#ifdef KVTRIM_X86_AVX2_DISPATCH
-  if (cpu_has_avx2_path<T>()) {
-    if (d == 64) return avx2::row_dots<64>(K, n, d, x, out);
-    if (d == 128) return avx2::row_dots<128>(K, n, d, x, out);
-    return avx2::row_dots<0>(K, n, d, x, out);
-  }
-#endif
+inline void row_dots_portable(const T* K, int n, int d, const float* x, float* out, std::vector<float>& tile) {
   using Rows = Eigen::Map<const Eigen::Matrix<float, Eigen::Dynamic, Eigen::Dynamic, Eigen::RowMajor>>;
   Eigen::Map<const Eigen::VectorXf> xv(x, d);
   if constexpr (std::is_same_v<T, float>) {
@@ -187,6 +180,18 @@ inline void row_dots(const T* K, int n, int d, const float* x, float* out, std::
       Eigen::Map<Eigen::VectorXf>(out + r0, rows).noalias() = Rows(tile.data(), rows, d) * xv;
     }
   }
+}
+// The same, by one x86 kernel where the CPU has AVX2 and FMA (the same bits on every such CPU), else portably.
+template <StorageType T>
+inline void row_dots(const T* K, int n, int d, const float* x, float* out, std::vector<float>& tile) {
+#ifdef KVTRIM_X86_AVX2_DISPATCH
+  if (cpu_has_avx2_path<T>()) {
+    if (d == 64) return avx2::row_dots<64>(K, n, d, x, out);
+    if (d == 128) return avx2::row_dots<128>(K, n, d, x, out);
+    return avx2::row_dots<0>(K, n, d, x, out);
+  }
+#endif
+  row_dots_portable(K, n, d, x, out, tile);
 }
 
 // Decode attention of one KV head by the fastest path this CPU runs.
