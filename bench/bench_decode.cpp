@@ -13,8 +13,8 @@
 //   BM_Attend/<type>/path/d/g/n the decode kernel alone (detail::attend) on keys and values stored as
 //                               <type> (float, half, bf16) by one path: 0 portable, 1 AVX2, 2 AVX-512
 //                               (detail::AttendPath; a path this CPU cannot run reports an error).
-//                               KV_GBps counts the bytes actually read,
-//                               n x (dk + dv) x sizeof(type), so 16-bit storage reads half the bytes of fp32;
+//                               KV_GBps counts the bytes actually read, n x (dk + dv) x sizeof(type),
+//                               so 16-bit storage reads half the bytes of fp32;
 //                               bw_ratio (mean step), bw_ratio_median and bw_ratio_best (fastest step) are
 //                               against read_GBps as above. Probabilities and outputs are not counted.
 //   BM_DecodeThreads/t          8 KV heads x 4 query heads, d 128, 8K tokens each (64 MiB of K+V), with

@@ -57,7 +57,9 @@ inline void dispatch(F&& f) {
 template <class Meta>
 struct SelectScratch {
   std::vector<float> reduced, scores, dots;
-  std::vector<float> victim_key, rows;  // 16-bit storage: a merge's victim key and key rows widened to fp32
+  // 16-bit storage: a merge's victim key widened to fp32, and key rows widened for row_dots_portable (CPUs
+  // without AVX2; the x86 kernel reads the stored rows)
+  std::vector<float> victim_key, rows;
   std::vector<std::uint32_t> ranks;
   std::vector<int> keys, order;
   std::vector<Meta> metas;
